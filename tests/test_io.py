@@ -1,0 +1,116 @@
+"""The volume type: NIfTI round trips, orientation, resampling and validated loading."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from unibrain_cli.errors import UserError
+from unibrain_cli.io.atomic import atomic_dir, write_text
+from unibrain_cli.io.volume import (
+    Volume,
+    extents_overlap,
+    from_sitk,
+    load_volume,
+    resample_spacing,
+    resample_to,
+    save_volume,
+    to_canonical,
+    to_sitk,
+)
+
+LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _vol(affine, shape=(6, 7, 5)):
+    arr = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    return Volume(arr, affine)
+
+
+def test_save_load_round_trip(tmp_path):
+    vol = _vol(np.diag([0.9, 1.1, 3.0, 1.0]))
+    save_volume(vol, tmp_path / "a.nii.gz", description="synthetic")
+    back = load_volume(tmp_path / "a.nii.gz")
+    np.testing.assert_array_equal(back.array, vol.array)
+    np.testing.assert_allclose(back.affine, vol.affine)
+    assert back.meta["descrip"] == "synthetic"
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_canonical_reorients_lps_to_ras_without_moving_voxels():
+    vol = _vol(LPS @ np.diag([1.0, 2.0, 3.0, 1.0]))
+    can = to_canonical(vol)
+    assert nib.aff2axcodes(can.affine) == ("R", "A", "S")
+    # every voxel keeps its world position
+    i, j, k = 1, 2, 3
+    world = vol.affine @ [i, j, k, 1]
+    idx = np.rint(np.linalg.inv(can.affine) @ world).astype(int)[:3]
+    assert can.array[tuple(idx)] == vol.array[i, j, k]
+
+
+def test_sitk_round_trip_preserves_geometry():
+    theta = 0.3
+    rot = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([0.8, 1.2, 2.5])
+    aff[:3, 3] = [10, -20, 5]
+    vol = _vol(aff)
+    back = from_sitk(to_sitk(vol))
+    np.testing.assert_allclose(back.affine, aff, atol=1e-6)
+    np.testing.assert_array_equal(back.array, vol.array)
+
+
+def test_resample_to_own_grid_is_identity_and_spacing_keeps_extent():
+    vol = _vol(np.diag([1.0, 1.0, 2.0, 1.0]), shape=(8, 8, 6))
+    same = resample_to(vol, vol.shape, vol.affine)
+    np.testing.assert_allclose(same.array, vol.array, atol=1e-4)
+    fine = resample_spacing(vol, (1.0, 1.0, 1.0))
+    assert fine.shape == (8, 8, 12)
+    assert fine.spacing == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_extents_overlap():
+    a = _vol(np.eye(4))
+    far = np.eye(4)
+    far[:3, 3] = 500
+    assert extents_overlap(a, a) and not extents_overlap(a, _vol(far))
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_volume(tmp_path / "missing.nii.gz")
+    good = tmp_path / "good.nii.gz"
+    save_volume(_vol(np.eye(4)), good)
+    trunc = tmp_path / "trunc.nii.gz"
+    trunc.write_bytes(good.read_bytes()[:60])
+    with pytest.raises(UserError, match="trunc.nii.gz"):
+        load_volume(trunc)
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(gzip.compress(b"not a nifti at all" * 10))
+    with pytest.raises(UserError, match="junk.nii.gz"):
+        load_volume(junk)
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), tmp_path / "four.nii.gz")
+    with pytest.raises(UserError, match="3D"):
+        load_volume(tmp_path / "four.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4), np.float32), np.eye(4)), tmp_path / "two.nii.gz")
+    with pytest.raises(UserError, match="3D"):
+        load_volume(tmp_path / "two.nii.gz")
+    arr = np.ones((4, 4, 4), np.float32)
+    arr[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), tmp_path / "nan.nii.gz")
+    with pytest.raises(UserError, match="NaN"):
+        load_volume(tmp_path / "nan.nii.gz")
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        write_text(tmp / "half.txt", "x")
+        raise RuntimeError("boom")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with atomic_dir(target) as tmp:
+        write_text(tmp / "full.txt", "x")
+    assert (target / "full.txt").read_text() == "x"

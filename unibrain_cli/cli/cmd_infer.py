@@ -1,0 +1,17 @@
+"""Shared options of `impute`, `diagnose` and `report` (inputs and checkpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+HAVE = typer.Option(None, "--have", help="Input files: t1=path.nii.gz,t2=path.nii.gz.")
+CASE = typer.Option(None, "--case", help="A folder whose files are recognised by modality aliases.")
+PREPARED = typer.Option(None, "--prepared", help="A PREPARED folder (use with --case-id).")
+CASE_ID = typer.Option(None, "--case-id", help="Case id inside --prepared.")
+CKPT = typer.Option(None, "--ckpt", help="A training run folder or a save_pretrained folder.")
+DEVICE = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
+SEED = typer.Option(0, "--seed", help="Random seed of the sampler.")
+
+__all__ = ["HAVE", "CASE", "PREPARED", "CASE_ID", "CKPT", "DEVICE", "SEED", "Path"]

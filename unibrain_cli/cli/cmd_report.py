@@ -1,0 +1,32 @@
+"""`unibrain report`: generated per-modality findings and impression."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from unibrain_cli.cli.cmd_infer import CASE, CASE_ID, CKPT, DEVICE, HAVE, PREPARED, SEED
+from unibrain_cli.cli.common import command
+from unibrain_cli.errors import NotLandedError
+
+
+def report(
+    have: str | None = HAVE,
+    case: Path | None = CASE,
+    prepared: Path | None = PREPARED,
+    case_id: str | None = CASE_ID,
+    ckpt: Path | None = CKPT,
+    fmt: str = typer.Option("text", "--format", help="text, markdown or json."),
+    seed: int = SEED,
+    device: str = DEVICE,
+) -> None:
+    """Write findings and an impression for a case.
+
+    Example: unibrain report --case sub01/ --ckpt run/ --format markdown
+    """
+    raise NotLandedError("report generation has not landed yet in this version (issue: unibrain report)", "report")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("report")(command(report))

@@ -1,0 +1,32 @@
+"""`unibrain train`: the UniBrain stages (vae, sa, unified, dhs) from a TOML recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from unibrain_cli.cli.common import command
+from unibrain_cli.errors import NotLandedError
+
+
+def train(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe TOML file or shipped name (tiny, small, bagel-7b)."),
+    data: Path = typer.Option(None, "--data", help="SLICES folder from `unibrain slice`."),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="Run folder (checkpoints, metrics, resolved recipe)."),
+    stage: str | None = typer.Option(None, "--stage", help="Run only this stage (vae, sa, unified, dhs)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe value: --set train.seed=3 (repeatable)."),
+) -> None:
+    """Train the unified model stage by stage on Accelerate.
+
+    Example: unibrain train --recipe small --data slices/ --out run/ --set train.seed=1
+    """
+    from unibrain_cli.config import load_recipe
+
+    load_recipe(recipe, overrides)
+    raise NotLandedError("training has not landed yet in this version (issue: unibrain train)", "train")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(command(train))

@@ -1,0 +1,171 @@
+"""Frozen dataclass configs, one per component. TOML recipes are their serialisation.
+
+Each component receives only its own config. Shapes and units are stated per field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+AttentionBackend = Literal["auto", "sdpa", "flex", "flash"]
+StageName = Literal["vae", "sa", "unified", "dhs"]
+STAGE_ORDER: tuple[str, ...] = ("vae", "sa", "unified", "dhs")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """2D training data: slice size and which modalities the model knows."""
+
+    image_size: int = 64  # square slice side in pixels (1 mm in-plane before resize)
+    modalities: tuple[str, ...] = ("t1", "t2", "flair", "t1ce", "dwi", "adc")
+    slices_per_case: int = 3  # lesion slices kept per case by `slice` in recipes' demos
+    max_text_tokens: int = 256  # truncation of one text segment, in tokens
+    text_dropout: float = 0.1  # conditioning dropout of instruction text
+    visual_dropout: float = 0.3  # conditioning dropout of clean context images
+    understanding_only_prob: float = 0.15  # samples whose images enter as ViT only
+    thinking_prob: float = 0.7  # samples with "thinking" text before each target
+    generation_only_prob: float = 0.25  # task probabilities (remaining mass: impression/diagnosis/both)
+    impression_prob: float = 0.25
+    diagnosis_prob: float = 0.25
+    pack_tokens: int = 2048  # token budget of one packed sequence
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Qwen2-style decoder shared by both MoT experts."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    vocab_size: int = 1024
+    qk_norm: bool = True
+    tie_word_embeddings: bool = False
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """SigLIP-style NaViT encoder for the understanding path (inputs: 3 channels)."""
+
+    patch_size: int = 8
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    max_patches_per_side: int = 16  # learned position table side (SigLIP-so400m: 70)
+    select_layer: int = -2  # BAGEL drops the last layer: use all but the final one
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """FLUX-architecture KL autoencoder (generation path)."""
+
+    in_channels: int = 3
+    ch: int = 32
+    ch_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    z_channels: int = 4
+    scale_factor: float = 1.0  # latent z = scale_factor * (z_raw - shift_factor)
+    shift_factor: float = 0.0
+    resolution: int = 64  # nominal training resolution (informative only)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The unified BAGEL-architecture model."""
+
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    latent_patch_size: int = 2  # latent tokens are (p x p x z_channels) patches
+    max_latent_size: int = 16  # side of the 2D sin-cos latent position table (BAGEL: 64)
+    vit_max_num_patch_per_side: int = 16  # side of the connector's 2D sin-cos table (BAGEL: 70)
+    timestep_freq_dim: int = 256  # sinusoidal features of t in [0, 1] (no x1000)
+    connector_act: Literal["gelu_pytorch_tanh"] = "gelu_pytorch_tanh"
+    attention_backend: AttentionBackend = "auto"
+    tokenizer: Literal["bpe", "qwen2"] = "bpe"
+    tokenizer_path: str = ""  # qwen2: local folder with tokenizer files
+    activation_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Rectified flow: training timesteps and the Euler sampler. t in [0, 1], t = 1 is noise."""
+
+    train_timestep_shift: float = 1.0  # s in t' = s t / (1 + (s - 1) t)
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    sample_steps: int = 10
+    sample_timestep_shift: float = 3.0
+    cfg_text_scale: float = 1.0  # 1.0 disables text guidance
+    cfg_img_scale: float = 1.0  # 1.0 disables image guidance
+    cfg_interval: tuple[float, float] = (0.0, 1.0)  # guidance applied for t in this interval
+    cfg_renorm_type: Literal["none", "global", "channel", "text_channel"] = "global"
+    cfg_renorm_min: float = 0.0
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage."""
+
+    name: StageName = "unified"
+    steps: int = 10
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.999
+    ntp_weight: float = 1.0
+    flow_weight: float = 1.0
+    dhs_rollout_steps: int = 10  # dhs: few-step diffusion length per generation slot
+    kl_weight: float = 1e-6  # vae: KL term weight
+    batch_size: int = 8  # vae: images per step
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Trainer-wide settings and the ordered stage list."""
+
+    stages: tuple[StageConfig, ...] = (StageConfig(),)
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    checkpoint_every: int = 100
+    log_every: int = 10
+    betas: tuple[float, float] = (0.9, 0.95)
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation settings."""
+
+    scenarios: tuple[str, ...] = ("t1", "t1_t2", "t1_t2_flair", "complete")
+    ensemble: int = 1
+    bootstrap: int = 1000
+    max_cases: int = 0  # 0 = all cases of the split
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A full run description: one config per component."""
+
+    name: str = "unnamed"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,188 @@
+"""The one volume type and every NIfTI / orientation / resampling conversion.
+
+Array convention (stated once, used everywhere): arrays are indexed ``[i, j, k]`` in
+**RAS+** voxel order — ``i`` increases to the subject's Right, ``j`` to Anterior, ``k`` to
+Superior — after :func:`to_canonical`. Axial slices are ``array[:, :, k]``. The affine maps
+voxel indices to RAS+ world millimetres (NIfTI convention). SimpleITK uses LPS world
+coordinates; the conversion lives in :func:`to_sitk` / :func:`from_sitk` only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+
+from unibrain_cli.errors import UserError
+from unibrain_cli.io.atomic import atomic_path
+
+VolumeKind = Literal["intensity", "label"]
+
+_LPS_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """A 3D image: ``array`` (float32 for intensities, int16 for labels) + 4x4 ``affine``.
+
+    ``affine`` maps voxel index (i, j, k, 1) to RAS+ world millimetres.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    kind: VolumeKind = "intensity"
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if self.array.ndim != 3:
+            raise ValueError(f"Volume needs a 3D array, got shape {self.array.shape}")
+        if self.affine.shape != (4, 4):
+            raise ValueError(f"affine must be 4x4, got {self.affine.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along i, j, k."""
+        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+
+    def with_array(self, array: np.ndarray, kind: VolumeKind | None = None) -> Volume:
+        return Volume(array, self.affine.copy(), kind or self.kind, dict(self.meta))
+
+    def world_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Axis-aligned RAS bounding box (min, max) of the voxel centres, in mm."""
+        corners = np.array(
+            [[i, j, k, 1.0] for i in (0, self.shape[0] - 1) for j in (0, self.shape[1] - 1)
+             for k in (0, self.shape[2] - 1)]
+        )
+        world = corners @ self.affine.T
+        return world[:, :3].min(axis=0), world[:, :3].max(axis=0)
+
+
+def load_volume(path: str | Path, kind: VolumeKind = "intensity", allow_nonfinite: bool = False) -> Volume:
+    """Read a 3D NIfTI file, validated. Bad files raise :class:`UserError` naming the file.
+
+    A 4D file with a single volume (last axis 1) is squeezed; other 4D or 2D files, truncated
+    or corrupt files, and NaN/Inf voxels (unless ``allow_nonfinite``) are refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("file not found; check the path", str(path))
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        raise UserError(f"not a readable NIfTI file ({type(exc).__name__}: {exc}); re-export it", str(path)) from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise UserError(f"expected a 3D volume, got {data.ndim}D with shape {data.shape}", str(path))
+    if min(data.shape) < 1:
+        raise UserError(f"empty volume with shape {data.shape}", str(path))
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise UserError("the header's affine is singular or non-finite; fix the header", str(path))
+    if kind == "label":
+        arr = np.rint(np.nan_to_num(data.astype(np.float64))).astype(np.int16)
+    else:
+        arr = data.astype(np.float32)
+        if not allow_nonfinite and not np.all(np.isfinite(arr)):
+            bad = int((~np.isfinite(arr)).sum())
+            raise UserError(f"{bad} voxels are NaN or Inf; clean the image first", str(path))
+    descrip = img.header.get("descrip") if hasattr(img, "header") else None
+    meta = {"source": str(path)}
+    if descrip is not None:
+        meta["descrip"] = bytes(np.asarray(descrip)).decode("latin-1").strip("\x00 ")
+    return Volume(arr, affine, kind, meta)
+
+
+def save_volume(vol: Volume, path: str | Path, description: str | None = None) -> None:
+    """Write ``vol`` as NIfTI-1 atomically. ``description`` goes into the header's descrip."""
+    arr = vol.array.astype(np.int16 if vol.kind == "label" else np.float32)
+    img = nib.Nifti1Image(arr, vol.affine)
+    img.set_qform(vol.affine, code=1)
+    img.set_sform(vol.affine, code=1)
+    if description is not None:
+        img.header["descrip"] = description.encode("latin-1", "replace")[:79]
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+
+
+def to_canonical(vol: Volume) -> Volume:
+    """Reorient (by axis permutation/flip only, no interpolation) to RAS+ voxel order."""
+    img = nib.Nifti1Image(vol.array, vol.affine)
+    can = nib.as_closest_canonical(img)
+    return Volume(np.asarray(can.dataobj).astype(vol.array.dtype), can.affine, vol.kind, dict(vol.meta))
+
+
+def to_sitk(vol: Volume):  # -> SimpleITK.Image
+    """Convert to a SimpleITK image (LPS world, array axes reversed)."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(vol.array.transpose(2, 1, 0)))
+    lps = _LPS_FLIP @ vol.affine
+    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
+    direction = lps[:3, :3] / spacing
+    img.SetSpacing([float(s) for s in spacing])
+    img.SetOrigin([float(o) for o in lps[:3, 3]])
+    img.SetDirection([float(d) for d in direction.flatten()])
+    return img
+
+
+def from_sitk(img, kind: VolumeKind = "intensity") -> Volume:
+    """Convert a SimpleITK image back to a :class:`Volume` (RAS affine)."""
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)
+    spacing = np.array(img.GetSpacing())
+    direction = np.array(img.GetDirection()).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing
+    lps[:3, 3] = img.GetOrigin()
+    return Volume(arr, _LPS_FLIP @ lps, kind)
+
+
+def resample_to(vol: Volume, shape: tuple[int, int, int], affine: np.ndarray, default: float = 0.0) -> Volume:
+    """Resample ``vol`` onto the grid (``shape``, ``affine``) in physical space.
+
+    Linear interpolation for intensities, nearest neighbour for labels.
+    """
+    import SimpleITK as sitk
+
+    ref = to_sitk(Volume(np.zeros(shape, dtype=np.float32), affine))
+    interp = sitk.sitkNearestNeighbor if vol.kind == "label" else sitk.sitkLinear
+    src = to_sitk(vol if vol.kind == "label" else vol.with_array(vol.array.astype(np.float32)))
+    out = sitk.Resample(src, ref, sitk.Transform(), interp, default, src.GetPixelID())
+    res = from_sitk(out, vol.kind)
+    res.affine = np.asarray(affine, dtype=np.float64)
+    res.meta = dict(vol.meta)
+    return res
+
+
+def resample_spacing(vol: Volume, spacing: tuple[float, float, float]) -> Volume:
+    """Resample to new voxel ``spacing`` (mm) keeping orientation and physical extent."""
+    old = np.array(vol.spacing)
+    new = np.asarray(spacing, dtype=np.float64)
+    shape = tuple(max(1, int(round(n * o / s))) for n, o, s in zip(vol.shape, old, new))
+    direction = vol.affine[:3, :3] / old
+    affine = np.eye(4)
+    affine[:3, :3] = direction * new
+    # keep the centre of the first voxel's corner aligned: shift by half the size change
+    corner = vol.affine[:3, 3] - direction @ (old / 2)
+    affine[:3, 3] = corner + direction @ (new / 2)
+    return resample_to(vol, shape, affine)  # type: ignore[arg-type]
+
+
+def extents_overlap(a: Volume, b: Volume) -> bool:
+    """True when the RAS bounding boxes of two volumes intersect."""
+    amin, amax = a.world_bounds()
+    bmin, bmax = b.world_bounds()
+    return bool(np.all(amin <= bmax) and np.all(bmin <= amax))
