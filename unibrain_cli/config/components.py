@@ -146,6 +146,7 @@ class TrainConfig:
     log_every: int = 10
     betas: tuple[float, float] = (0.9, 0.95)
     num_workers: int = 0
+    init_from: str = ""  # a BAGEL-7B-MoT folder or a save_pretrained folder to start the first model stage from
 
 
 @dataclass(frozen=True)

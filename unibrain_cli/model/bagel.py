@@ -1,0 +1,406 @@
+"""The unified BAGEL-architecture model: MoT decoder + SigLIP ViT + latent bridges.
+
+``UniBrainModel`` is a pure single-device ``nn.Module`` (no losses, no VAE inside: the FLUX
+autoencoder lives in ``ae.safetensors`` and turns images into the latent tokens this model
+reads). Top-level modules and their BAGEL state-dict names:
+
+- ``language_model``: :class:`~unibrain_cli.model.decoder.MoTLanguageModel` (``language_model.model.*``,
+  ``language_model.lm_head``);
+- ``vit_model.vision_model``: SigLIP NaViT encoder;
+- ``connector`` (``fc1``, GELU-tanh, ``fc2``) and ``vit_pos_embed``: ViT width -> LLM width,
+  plus a fixed 2D sin-cos table (non-persistent);
+- ``vae2llm`` (latent token -> hidden), ``time_embedder`` (flow time t in [0, 1]),
+  ``latent_pos_embed`` (fixed 2D sin-cos table, non-persistent), ``llm2vae`` (hidden -> velocity,
+  zero-initialised).
+
+Embedding of a :class:`~unibrain_cli.model.packing.PackedSequence`:
+text -> ``embed_tokens``; ViT patches -> ViT -> connector + ``vit_pos_embed``; latent tokens ->
+``vae2llm`` + ``time_embedder(t)`` + ``latent_pos_embed``. Outputs: text logits (``lm_head``)
+and the predicted velocity ``llm2vae(h)`` (flow convention: ``x_t = (1 - t) x0 + t eps``,
+velocity target ``eps - x0``; see ``unibrain_cli.flow``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unibrain_cli.config.components import ModelConfig
+from unibrain_cli.model.attention import BACKENDS, MODE_NOISE
+from unibrain_cli.model.decoder import MoTLanguageModel, Routing, validate_llm_config
+from unibrain_cli.model.embeddings import MLPconnector, PositionEmbedding, TimestepEmbedder
+from unibrain_cli.model.kv_cache import KVCache
+from unibrain_cli.model.packing import PackedSequence, SequenceBuilder
+from unibrain_cli.model.vit import SiglipVisionModel
+
+LogitsAt = Literal["loss", "text", "last", "all", "none"]
+VelocityAt = Literal["noisy", "vae", "none"]
+
+
+def latent_dim(cfg: ModelConfig) -> int:
+    """Width of one latent token: ``latent_patch_size**2 * vae.z_channels``."""
+    return cfg.latent_patch_size**2 * cfg.vae.z_channels
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    """Raise ValueError naming the offending field when the model cannot be built from ``cfg``."""
+    validate_llm_config(cfg.llm, prefix="llm.")
+    if cfg.llm.hidden_size % 4:
+        raise ValueError(f"llm.hidden_size={cfg.llm.hidden_size} must be divisible by 4 (2D sin-cos tables)")
+    if cfg.vit.hidden_size % cfg.vit.num_heads:
+        raise ValueError(f"vit.num_heads={cfg.vit.num_heads} does not divide vit.hidden_size={cfg.vit.hidden_size}")
+    if cfg.vit.max_patches_per_side != cfg.vit_max_num_patch_per_side:
+        raise ValueError(
+            f"vit_max_num_patch_per_side={cfg.vit_max_num_patch_per_side} must equal "
+            f"vit.max_patches_per_side={cfg.vit.max_patches_per_side} (ViT tokens share one position id)"
+        )
+    if cfg.latent_patch_size <= 0 or cfg.max_latent_size <= 0:
+        raise ValueError("latent_patch_size and max_latent_size must be positive")
+    grid = cfg.vae.resolution // cfg.vae.downsample // cfg.latent_patch_size
+    if grid > cfg.max_latent_size:
+        raise ValueError(
+            f"max_latent_size={cfg.max_latent_size} is smaller than the latent grid {grid} of "
+            f"vae.resolution={cfg.vae.resolution} (downsample {cfg.vae.downsample}, latent_patch_size "
+            f"{cfg.latent_patch_size})"
+        )
+    if cfg.timestep_freq_dim <= 0 or cfg.timestep_freq_dim % 2:
+        raise ValueError(f"timestep_freq_dim={cfg.timestep_freq_dim} must be a positive even number")
+    if cfg.attention_backend not in BACKENDS:
+        raise ValueError(f"attention_backend={cfg.attention_backend!r} is not one of {BACKENDS}")
+
+
+@dataclass
+class ModelOutput:
+    """Outputs of one forward.
+
+    Attributes:
+        hidden: [N, hidden] final-normed hidden states of every packed row.
+        logits: [N_sel, vocab] text logits at ``logit_indexes`` (None if not asked).
+        logit_indexes: long [N_sel] packed rows of ``logits``.
+        velocity: [N_sel_vae, latent_dim] predicted velocity at ``velocity_rows`` (None if not asked).
+        velocity_rows: long [N_sel_vae] rows INTO THE VAE TOKEN LIST (not packed rows).
+    """
+
+    hidden: Tensor
+    logits: Tensor | None = None
+    logit_indexes: Tensor | None = None
+    velocity: Tensor | None = None
+    velocity_rows: Tensor | None = None
+
+
+class _ViTHolder(nn.Module):
+    """Gives the ViT BAGEL's ``vit_model.vision_model`` prefix."""
+
+    def __init__(self, vision_model: SiglipVisionModel) -> None:
+        super().__init__()
+        self.vision_model = vision_model
+
+
+class UniBrainModel(nn.Module):
+    """BAGEL-architecture unified model (see the module docstring).
+
+    Args:
+        cfg: the model config (validated; ValueError names a bad field).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        validate_model_config(cfg)
+        self.config = cfg
+        hidden = cfg.llm.hidden_size
+        self.language_model = MoTLanguageModel(cfg.llm)
+        self.vit_model = _ViTHolder(SiglipVisionModel(cfg.vit))
+        self.connector = MLPconnector(cfg.vit.hidden_size, hidden, cfg.connector_act)
+        self.vit_pos_embed = PositionEmbedding(cfg.vit_max_num_patch_per_side, hidden)
+        self.vae2llm = nn.Linear(latent_dim(cfg), hidden)
+        self.llm2vae = nn.Linear(hidden, latent_dim(cfg))
+        self.time_embedder = TimestepEmbedder(hidden, cfg.timestep_freq_dim)
+        self.latent_pos_embed = PositionEmbedding(cfg.max_latent_size, hidden)
+        self.language_model.model.activation_checkpointing = cfg.activation_checkpointing
+        self.reset_parameters()
+
+    # -- init ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Fresh init: N(0, 0.02) linears/embeddings of the LLM side, zero biases, unit norms,
+        zero ``llm2vae``, generation expert = copy of the understanding expert. The ViT keeps
+        its own init."""
+        for module in [self.language_model, self.connector, self.vae2llm, self.time_embedder]:
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.Embedding):
+                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.llm2vae.weight)
+        nn.init.zeros_(self.llm2vae.bias)
+        self.language_model.init_generation_expert()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent tables (position tables, rotary frequencies), e.g. after
+        building on the meta device and materialising with ``to_empty``."""
+        for m in self.modules():
+            if m is self:
+                continue
+            if hasattr(m, "reset_table"):
+                m.reset_table()
+            if hasattr(m, "reset_buffers"):
+                m.reset_buffers()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.llm.num_layers
+
+    @property
+    def latent_dim(self) -> int:
+        return latent_dim(self.config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae2llm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae2llm.weight.device
+
+    def builder(self, image_markers: tuple[int, int] | None = None) -> SequenceBuilder:
+        """A :class:`SequenceBuilder` with this model's position-table sides."""
+        return SequenceBuilder(self.config.vit_max_num_patch_per_side, self.config.max_latent_size, image_markers)
+
+    def new_cache(self, detach: bool = True) -> KVCache:
+        """An empty KV cache for this model."""
+        return KVCache(self.num_layers, detach=detach)
+
+    def _backend(self, backend: str | None) -> str:
+        return backend or self.config.attention_backend
+
+    # -- embedding ----------------------------------------------------------------------------
+
+    def embed(self, packed: PackedSequence) -> Tensor:
+        """Input embeddings of a pack: [N, hidden] in the model dtype.
+
+        Text rows: ``embed_tokens``; ViT rows: connector(ViT(patches)) + vit_pos_embed; VAE rows:
+        vae2llm(latents) + time_embedder(t) + latent_pos_embed.
+        """
+        dtype = self.dtype
+        h = torch.zeros(packed.length, self.config.llm.hidden_size, dtype=dtype, device=packed.device)
+        if packed.text_indexes.numel():
+            emb = self.language_model.model.embed_tokens(packed.text_ids)
+            h = h.index_put((packed.text_indexes,), emb.to(dtype))
+        if packed.vit_indexes.numel():
+            if packed.vit_patches is None:
+                raise ValueError("the pack has ViT tokens but no vit_patches")
+            feats = self.vit_model.vision_model(
+                packed.vit_patches.to(dtype), packed.vit_position_ids, packed.vit_cu_seqlens
+            )
+            emb = self.connector(feats) + self.vit_pos_embed(packed.vit_position_ids)
+            h = h.index_put((packed.vit_indexes,), emb.to(dtype))
+        if packed.vae_indexes.numel():
+            if packed.vae_latents is None:
+                raise ValueError("the pack has VAE tokens but no vae_latents")
+            if packed.vae_latents.shape[-1] != self.latent_dim:
+                raise ValueError(f"latent tokens must have {self.latent_dim} features, got {packed.vae_latents.shape[-1]}")
+            emb = (
+                self.vae2llm(packed.vae_latents.to(dtype))
+                + self.time_embedder(packed.vae_timesteps)
+                + self.latent_pos_embed(packed.vae_position_ids)
+            )
+            h = h.index_put((packed.vae_indexes,), emb.to(dtype))
+        return h
+
+    # -- heads --------------------------------------------------------------------------------
+
+    def _heads(
+        self, packed: PackedSequence, hidden: Tensor, logits_at: LogitsAt, velocity_at: VelocityAt
+    ) -> ModelOutput:
+        out = ModelOutput(hidden=hidden)
+        if logits_at != "none":
+            if logits_at == "loss":
+                rows = packed.ce_indexes
+            elif logits_at == "text":
+                rows = packed.text_indexes
+            elif logits_at == "last":
+                ends = torch.tensor(packed.sample_lens, device=hidden.device).cumsum(0) - 1
+                rows = ends
+            elif logits_at == "all":
+                rows = torch.arange(packed.length, device=hidden.device)
+            else:
+                raise ValueError(f"unknown logits_at {logits_at!r}")
+            out.logit_indexes = rows
+            out.logits = self.language_model.lm_head(hidden[rows])
+        if velocity_at != "none":
+            if velocity_at == "noisy":
+                rows = packed.noisy_vae_rows
+            elif velocity_at == "vae":
+                rows = torch.arange(packed.vae_indexes.numel(), device=hidden.device)
+            else:
+                raise ValueError(f"unknown velocity_at {velocity_at!r}")
+            out.velocity_rows = rows
+            out.velocity = self.llm2vae(hidden[packed.vae_indexes[rows]])
+        return out
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        packed: PackedSequence,
+        logits_at: LogitsAt = "loss",
+        velocity_at: VelocityAt = "noisy",
+        backend: str | None = None,
+    ) -> ModelOutput:
+        """Run a whole pack (training path).
+
+        Args:
+            packed: the pack; ``vae_latents`` are the tokens embedded (noised by the caller).
+            logits_at: rows whose text logits are computed: ``"loss"`` (``ce_indexes``),
+                ``"text"`` (all text rows), ``"last"`` (last row of each sample), ``"all"``, ``"none"``.
+            velocity_at: ``"noisy"`` (flow-loss tokens), ``"vae"`` (all VAE tokens) or ``"none"``.
+            backend: attention backend; default ``config.attention_backend``.
+        """
+        h = self.embed(packed)
+        route = Routing(packed.und_indexes, packed.gen_indexes, packed.length)
+        hidden, _ = self.language_model(h, packed.position_ids, route, packed.mask_info(), self._backend(backend))
+        return self._heads(packed, hidden, logits_at, velocity_at)
+
+    # -- cached (inference) -------------------------------------------------------------------
+
+    def forward_cached(
+        self,
+        block: PackedSequence,
+        cache: KVCache,
+        update: bool,
+        logits_at: LogitsAt = "last",
+        velocity_at: VelocityAt = "none",
+        backend: str | None = None,
+    ) -> ModelOutput:
+        """Run a one-sample block after the cached context.
+
+        The block's positions (built from 0) are offset by ``cache.next_position``; its queries
+        see every cached token plus the block itself under the split rules.
+
+        Args:
+            block: a one-sample pack (text, ViT, clean or noisy VAE splits).
+            cache: the context; modified only when ``update``.
+            update: store the block's non-noise keys/values and advance the position counter.
+            logits_at, velocity_at, backend: as in :meth:`forward`.
+        """
+        if block.num_samples != 1:
+            raise ValueError(f"a cached block must hold exactly one sample, got {block.num_samples}")
+        h = self.embed(block)
+        route = Routing(block.und_indexes, block.gen_indexes, block.length)
+        mask = block.mask_info(prefix_len=cache.length)
+        positions = block.position_ids + cache.next_position
+        hidden, present = self.language_model(h, positions, route, mask, self._backend(backend), cache.past())
+        if update:
+            noise_rows = mask.q_mode == MODE_NOISE
+            keep = None if not bool(noise_rows.any()) else (~noise_rows).nonzero().flatten()
+            cache.append(present, keep, block.sample_next_positions[0])
+        return self._heads(block, hidden, logits_at, velocity_at)
+
+    def prefill(self, cache: KVCache, block: PackedSequence, backend: str | None = None) -> ModelOutput:
+        """Append a context block (text / ViT / clean VAE) to the cache; returns last-row logits."""
+        return self.forward_cached(block, cache, update=True, logits_at="last", backend=backend)
+
+    def predict_velocity(self, cache: KVCache, block: PackedSequence, backend: str | None = None) -> Tensor:
+        """Velocity [N_noisy, latent_dim] of a noisy-image block given the cache (cache unchanged).
+
+        Call once per sampling step with the block's latents/timesteps replaced
+        (``block.with_vae_latents(x_t).with_vae_timesteps(t)``).
+        """
+        out = self.forward_cached(block, cache, update=False, logits_at="none", velocity_at="noisy", backend=backend)
+        assert out.velocity is not None
+        return out.velocity
+
+    def _text_block(self, ids: Sequence[int], loss_ids: Sequence[int] = ()) -> PackedSequence:
+        b = self.builder()
+        b.add_text(list(ids))
+        if loss_ids:
+            b.add_text(list(loss_ids), loss=True)
+        return b.build(self.device)
+
+    @torch.no_grad()
+    def generate_text(
+        self,
+        cache: KVCache,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        eos_id: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        generator: torch.Generator | None = None,
+        append_last: bool = True,
+        backend: str | None = None,
+    ) -> list[int]:
+        """Decode text after the cached context, token by token.
+
+        Args:
+            cache: context; the prompt and the generated tokens are appended to it.
+            prompt_ids: at least one token (e.g. "Impression:"): its last token predicts the first
+                new token.
+            max_new_tokens: upper bound on generated tokens.
+            eos_id: stop after generating this id (it is returned).
+            temperature: 0 = greedy argmax, else softmax sampling at this temperature.
+            top_k: keep only the k most likely tokens when sampling (0 = all).
+            generator: RNG for sampling.
+            append_last: also append the last generated token to the cache (so the cache holds
+                prompt + all generated tokens, ready for the next block).
+
+        Returns:
+            generated ids (without the prompt).
+        """
+        if not prompt_ids:
+            raise ValueError("generate_text needs at least one prompt token")
+        out = self.forward_cached(self._text_block(prompt_ids), cache, update=True, logits_at="last", backend=backend)
+        tokens: list[int] = []
+        for step in range(max_new_tokens):
+            assert out.logits is not None
+            tok = sample_token(out.logits[-1], temperature, top_k, generator)
+            tokens.append(tok)
+            last = step == max_new_tokens - 1 or tok == eos_id
+            if last and not append_last:
+                break
+            out = self.forward_cached(
+                self._text_block([tok]), cache, update=True, logits_at="none" if last else "last", backend=backend
+            )
+            if last:
+                break
+        return tokens
+
+    @torch.no_grad()
+    def score_text(
+        self, cache: KVCache, prompt_ids: Sequence[int], candidate_ids: Sequence[int], backend: str | None = None
+    ) -> Tensor:
+        """Log-probabilities [len(candidate_ids)] of a candidate answer after context + prompt.
+
+        The cache is not modified. ``prompt_ids`` must be non-empty (its last token predicts the
+        first candidate token). Sum the result for the sequence log-likelihood.
+        """
+        if not prompt_ids or not candidate_ids:
+            raise ValueError("score_text needs a non-empty prompt and a non-empty candidate")
+        block = self._text_block(prompt_ids, candidate_ids)
+        out = self.forward_cached(block, cache, update=False, logits_at="loss", backend=backend)
+        assert out.logits is not None
+        logp = F.log_softmax(out.logits.float(), dim=-1)
+        return logp.gather(1, block.ce_labels[:, None]).squeeze(1)
+
+
+def sample_token(logits: Tensor, temperature: float = 0.0, top_k: int = 0, generator: torch.Generator | None = None) -> int:
+    """Pick a token id from logits [vocab]: argmax when ``temperature == 0``, else sample."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
