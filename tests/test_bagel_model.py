@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from unibrain_cli.config.components import ModelConfig
+from unibrain_cli.config.validate import validate_model_config
 from unibrain_cli.model.attention import flex_available
-from unibrain_cli.model.bagel import UniBrainModel, validate_model_config
+from unibrain_cli.model.bagel import UniBrainModel
 from unibrain_cli.model.packing import PackedSequence
 
 CFG = ModelConfig()

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from unibrain_cli.config.components import LLMConfig
+from unibrain_cli.config.validate import validate_llm_config
 from unibrain_cli.model.attention import MaskInfo
-from unibrain_cli.model.decoder import MoTLanguageModel, Routing, validate_llm_config
+from unibrain_cli.model.decoder import MoTLanguageModel, Routing
 
 CFG = LLMConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                 vocab_size=64, rope_theta=10_000.0)

@@ -14,16 +14,17 @@ from unibrain_cli.config.components import (
 )
 from unibrain_cli.config.loader import (
     RecipeError,
+    config_from_dict,
     dumps_toml,
     load_recipe,
     recipe_from_dict,
     recipe_to_dict,
     save_resolved,
-    validate_model_config,
 )
+from unibrain_cli.config.validate import validate_llm_config, validate_model_config
 
 __all__ = [
     "DataConfig", "EvalConfig", "FlowConfig", "LLMConfig", "ModelConfig", "Recipe", "StageConfig",
     "TrainConfig", "VAEConfig", "ViTConfig", "RecipeError", "dumps_toml", "load_recipe",
-    "recipe_from_dict", "recipe_to_dict", "save_resolved", "validate_model_config",
+    "recipe_from_dict", "config_from_dict", "validate_llm_config", "recipe_to_dict", "save_resolved", "validate_model_config",
 ]

@@ -13,7 +13,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from unibrain_cli.config.components import STAGE_ORDER, ModelConfig, Recipe
+from unibrain_cli.config.components import STAGE_ORDER, Recipe
+from unibrain_cli.config.validate import validate_model_config
 from unibrain_cli.errors import UserError
 from unibrain_cli.io.atomic import write_text
 
@@ -21,6 +22,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+T = typing.TypeVar("T")
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -226,7 +229,7 @@ def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> None:
             source,
         )
     try:
-        validate_model_config(recipe.model)
+        validate_model_config(recipe.model, prefix="model.")
     except ValueError as exc:
         raise RecipeError(str(exc), source) from exc
     lat = recipe.data.image_size // recipe.model.vae.downsample // recipe.model.latent_patch_size
@@ -242,22 +245,16 @@ def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> None:
         raise RecipeError("'data.image_size' must be a multiple of the VAE downsample x latent patch size", source)
 
 
-def validate_model_config(cfg: ModelConfig) -> None:
-    """Raise ValueError naming the field when shapes are inconsistent."""
-    llm, vit = cfg.llm, cfg.vit
-    if llm.num_heads % llm.num_kv_heads:
-        raise ValueError(f"'model.llm.num_kv_heads' ({llm.num_kv_heads}) must divide model.llm.num_heads ({llm.num_heads})")
-    if llm.head_dim % 2:
-        raise ValueError(f"'model.llm.head_dim' ({llm.head_dim}) must be even for RoPE")
-    if vit.hidden_size % vit.num_heads:
-        raise ValueError(f"'model.vit.num_heads' ({vit.num_heads}) must divide model.vit.hidden_size ({vit.hidden_size})")
-
-
 def save_resolved(recipe: Recipe, out_dir: str | Path, name: str = "recipe.resolved.toml") -> Path:
     """Write the resolved recipe next to an output (atomically); returns its path."""
     path = Path(out_dir) / name
     write_text(path, "# resolved UniBrain recipe (all defaults filled in)\n" + dumps_toml(recipe_to_dict(recipe)))
     return path
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix: str = "") -> T:
+    """Strictly build any config dataclass from a plain dict (unknown keys / wrong types name the path)."""
+    return typing.cast(T, _build(cls, data, prefix, source))
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:

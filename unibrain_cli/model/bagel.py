@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unibrain_cli.config.components import ModelConfig
-from unibrain_cli.model.attention import BACKENDS, MODE_NOISE
-from unibrain_cli.model.decoder import MoTLanguageModel, Routing, validate_llm_config
+from unibrain_cli.config.validate import validate_model_config
+from unibrain_cli.model.attention import MODE_NOISE
+from unibrain_cli.model.decoder import MoTLanguageModel, Routing
 from unibrain_cli.model.embeddings import MLPconnector, PositionEmbedding, TimestepEmbedder
 from unibrain_cli.model.kv_cache import KVCache
 from unibrain_cli.model.packing import PackedSequence, SequenceBuilder
@@ -45,33 +46,6 @@ VelocityAt = Literal["noisy", "vae", "none"]
 def latent_dim(cfg: ModelConfig) -> int:
     """Width of one latent token: ``latent_patch_size**2 * vae.z_channels``."""
     return cfg.latent_patch_size**2 * cfg.vae.z_channels
-
-
-def validate_model_config(cfg: ModelConfig) -> None:
-    """Raise ValueError naming the offending field when the model cannot be built from ``cfg``."""
-    validate_llm_config(cfg.llm, prefix="llm.")
-    if cfg.llm.hidden_size % 4:
-        raise ValueError(f"llm.hidden_size={cfg.llm.hidden_size} must be divisible by 4 (2D sin-cos tables)")
-    if cfg.vit.hidden_size % cfg.vit.num_heads:
-        raise ValueError(f"vit.num_heads={cfg.vit.num_heads} does not divide vit.hidden_size={cfg.vit.hidden_size}")
-    if cfg.vit.max_patches_per_side != cfg.vit_max_num_patch_per_side:
-        raise ValueError(
-            f"vit_max_num_patch_per_side={cfg.vit_max_num_patch_per_side} must equal "
-            f"vit.max_patches_per_side={cfg.vit.max_patches_per_side} (ViT tokens share one position id)"
-        )
-    if cfg.latent_patch_size <= 0 or cfg.max_latent_size <= 0:
-        raise ValueError("latent_patch_size and max_latent_size must be positive")
-    grid = cfg.vae.resolution // cfg.vae.downsample // cfg.latent_patch_size
-    if grid > cfg.max_latent_size:
-        raise ValueError(
-            f"max_latent_size={cfg.max_latent_size} is smaller than the latent grid {grid} of "
-            f"vae.resolution={cfg.vae.resolution} (downsample {cfg.vae.downsample}, latent_patch_size "
-            f"{cfg.latent_patch_size})"
-        )
-    if cfg.timestep_freq_dim <= 0 or cfg.timestep_freq_dim % 2:
-        raise ValueError(f"timestep_freq_dim={cfg.timestep_freq_dim} must be a positive even number")
-    if cfg.attention_backend not in BACKENDS:
-        raise ValueError(f"attention_backend={cfg.attention_backend!r} is not one of {BACKENDS}")
 
 
 @dataclass

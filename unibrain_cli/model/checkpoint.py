@@ -26,7 +26,7 @@ import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, get_args, get_origin, get_type_hints
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from unibrain_cli.config.components import LLMConfig, ModelConfig, VAEConfig, ViTConfig
+from unibrain_cli.config.loader import RecipeError, config_from_dict
 from unibrain_cli.errors import UserError
 from unibrain_cli.io.atomic import atomic_dir
 from unibrain_cli.model.bagel import UniBrainModel
@@ -104,36 +105,9 @@ def config_to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def _from_plain(tp: Any, value: Any, path: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ValueError(f"'{path}' must be a table")
-        hints = get_type_hints(tp)
-        names = {f.name for f in dataclasses.fields(tp)}
-        unknown = sorted(set(value) - names)
-        if unknown:
-            raise ValueError(f"unknown key(s) {', '.join(f'{path}.{k}' for k in unknown)}")
-        return tp(**{k: _from_plain(hints[k], v, f"{path}.{k}") for k, v in value.items()})
-    origin = get_origin(tp)
-    if origin is tuple:
-        args = get_args(tp)
-        inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
-        return tuple(_from_plain(inner or a, v, f"{path}[{i}]")
-                     for i, (v, a) in enumerate(zip(value, args if inner is None else [inner] * len(value), strict=True)))
-    if origin is Literal or tp in (str, bool):
-        return value
-    if tp is float:
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"'{path}' must be an integer, got {value!r}")
-        return value
-    return value
-
-
-def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
-    """Strictly rebuild a :class:`ModelConfig` (an unknown key is an error naming its path)."""
-    return typing.cast(ModelConfig, _from_plain(ModelConfig, data, "model"))
+def model_config_from_dict(data: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Strictly rebuild a :class:`ModelConfig` (an unknown key or wrong type names its path and ``source``)."""
+    return config_from_dict(ModelConfig, data, source, prefix="model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +280,9 @@ def from_pretrained(
     if meta.get("format") != "unibrain" or "model" not in meta:
         raise CheckpointError("config.json is not a UniBrain model config", where=str(directory / CONFIG_FILE))
     try:
-        cfg = model_config_from_dict(meta["model"])
+        cfg = model_config_from_dict(meta["model"], str(directory / CONFIG_FILE))
+    except RecipeError as exc:
+        raise CheckpointError(f"bad model config: {exc.message}", where=str(directory / CONFIG_FILE)) from exc
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"bad model config: {exc}", where=str(directory / CONFIG_FILE)) from exc
     state = read_safetensors(directory / MODEL_FILE)

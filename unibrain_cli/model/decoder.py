@@ -30,26 +30,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from unibrain_cli.config.components import LLMConfig
+from unibrain_cli.config.validate import validate_llm_config
 from unibrain_cli.model.attention import MaskInfo, attend
 
 KV = tuple[Tensor, Tensor]
-
-
-def validate_llm_config(cfg: LLMConfig, prefix: str = "llm.") -> None:
-    """Raise ValueError naming the field when the decoder shape is inconsistent."""
-    if cfg.num_heads <= 0 or cfg.hidden_size % cfg.num_heads:
-        raise ValueError(f"{prefix}num_heads={cfg.num_heads} does not divide {prefix}hidden_size={cfg.hidden_size}")
-    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
-        raise ValueError(
-            f"{prefix}head_dim={cfg.head_dim} x {prefix}num_heads={cfg.num_heads} != {prefix}hidden_size={cfg.hidden_size}"
-        )
-    if cfg.num_kv_heads <= 0 or cfg.num_heads % cfg.num_kv_heads:
-        raise ValueError(f"{prefix}num_kv_heads={cfg.num_kv_heads} does not divide {prefix}num_heads={cfg.num_heads}")
-    if cfg.head_dim % 2:
-        raise ValueError(f"{prefix}head_dim={cfg.head_dim} must be even for rotary embeddings")
-    for name in ("intermediate_size", "num_layers", "vocab_size"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{prefix}{name} must be positive, got {getattr(cfg, name)}")
 
 
 @dataclass(frozen=True)

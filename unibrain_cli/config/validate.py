@@ -1,0 +1,58 @@
+"""Cross-field checks of the model config, shared by recipe loading and model construction.
+
+Each check raises ValueError naming the offending field (with a ``prefix`` such as ``model.``).
+"""
+
+from __future__ import annotations
+
+from typing import get_args
+
+from unibrain_cli.config.components import AttentionBackend, LLMConfig, ModelConfig
+
+#: Attention backends a config may name (``dense`` is the reference used in tests).
+CONFIG_BACKENDS: tuple[str, ...] = (*get_args(AttentionBackend), "dense")
+
+
+def validate_llm_config(cfg: LLMConfig, prefix: str = "llm.") -> None:
+    """Raise ValueError naming the field when the decoder shape is inconsistent."""
+    if cfg.num_heads <= 0 or cfg.hidden_size % cfg.num_heads:
+        raise ValueError(f"{prefix}num_heads={cfg.num_heads} does not divide {prefix}hidden_size={cfg.hidden_size}")
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+        raise ValueError(
+            f"{prefix}head_dim={cfg.head_dim} x {prefix}num_heads={cfg.num_heads} != {prefix}hidden_size={cfg.hidden_size}"
+        )
+    if cfg.num_kv_heads <= 0 or cfg.num_heads % cfg.num_kv_heads:
+        raise ValueError(f"{prefix}num_kv_heads={cfg.num_kv_heads} does not divide {prefix}num_heads={cfg.num_heads}")
+    if cfg.head_dim % 2:
+        raise ValueError(f"{prefix}head_dim={cfg.head_dim} must be even for rotary embeddings")
+    for name in ("intermediate_size", "num_layers", "vocab_size"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{prefix}{name} must be positive, got {getattr(cfg, name)}")
+
+
+def validate_model_config(cfg: ModelConfig, prefix: str = "") -> None:
+    """Raise ValueError naming the offending field when the model cannot be built from ``cfg``."""
+    p = prefix
+    validate_llm_config(cfg.llm, prefix=f"{p}llm.")
+    if cfg.llm.hidden_size % 4:
+        raise ValueError(f"{p}llm.hidden_size={cfg.llm.hidden_size} must be divisible by 4 (2D sin-cos tables)")
+    if cfg.vit.num_heads <= 0 or cfg.vit.hidden_size % cfg.vit.num_heads:
+        raise ValueError(f"{p}vit.num_heads={cfg.vit.num_heads} does not divide {p}vit.hidden_size={cfg.vit.hidden_size}")
+    if cfg.vit.max_patches_per_side != cfg.vit_max_num_patch_per_side:
+        raise ValueError(
+            f"{p}vit_max_num_patch_per_side={cfg.vit_max_num_patch_per_side} must equal "
+            f"{p}vit.max_patches_per_side={cfg.vit.max_patches_per_side} (ViT tokens share one position id)"
+        )
+    if cfg.latent_patch_size <= 0 or cfg.max_latent_size <= 0:
+        raise ValueError(f"{p}latent_patch_size and {p}max_latent_size must be positive")
+    grid = cfg.vae.resolution // cfg.vae.downsample // cfg.latent_patch_size
+    if grid > cfg.max_latent_size:
+        raise ValueError(
+            f"{p}max_latent_size={cfg.max_latent_size} is smaller than the latent grid {grid} of "
+            f"{p}vae.resolution={cfg.vae.resolution} (downsample {cfg.vae.downsample}, latent_patch_size "
+            f"{cfg.latent_patch_size})"
+        )
+    if cfg.timestep_freq_dim <= 0 or cfg.timestep_freq_dim % 2:
+        raise ValueError(f"{p}timestep_freq_dim={cfg.timestep_freq_dim} must be a positive even number")
+    if cfg.attention_backend not in CONFIG_BACKENDS:
+        raise ValueError(f"{p}attention_backend={cfg.attention_backend!r} is not one of {CONFIG_BACKENDS}")
