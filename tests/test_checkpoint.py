@@ -42,7 +42,7 @@ BAGEL_7B = ModelConfig(
     llm=LLMConfig(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
                   head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, vocab_size=152064, tie_word_embeddings=False),
     vit=ViTConfig(patch_size=14, hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16,
-                  max_patches_per_side=70, select_layer=-1),
+                  max_patches_per_side=70),
     vae=FLUX_VAE,
     latent_patch_size=2,
     max_latent_size=64,

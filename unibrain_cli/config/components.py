@@ -60,7 +60,6 @@ class ViTConfig:
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
     max_patches_per_side: int = 16  # learned position table side (SigLIP-so400m: 70)
-    select_layer: int = -2  # BAGEL drops the last layer: use all but the final one
 
 
 @dataclass(frozen=True)

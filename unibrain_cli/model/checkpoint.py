@@ -333,7 +333,6 @@ def bagel_model_config(llm: dict[str, Any], vit: dict[str, Any], vae: VAEConfig 
             num_channels=int(vit.get("num_channels", 3)),
             layer_norm_eps=float(vit.get("layer_norm_eps", 1e-6)),
             max_patches_per_side=side,
-            select_layer=-1,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"llm_config.json / vit_config.json lack a field or hold a bad value: {exc}") from exc
