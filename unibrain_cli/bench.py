@@ -98,7 +98,6 @@ def _four_modality_pack(recipe_name: str, samples: int = 1, text_tokens: int = 1
 @bench("model_train_step_small")
 def model_train_step_small() -> dict[str, Any]:
     """Forward+backward of the `small` model on one 4-modality sample, vs the matmul peak."""
-    import torch
 
     from unibrain_cli.model.checkpoint import build_model
     from unibrain_cli.model.flops import count_parameters, flops_per_token
