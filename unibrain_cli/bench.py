@@ -152,7 +152,7 @@ def packed_attention() -> dict[str, Any]:
         v = torch.randn(total, 2, dim, requires_grad=True)
         times = {}
         for backend in ("sdpa", "dense"):
-            def run(backend: str = backend) -> None:
+            def run(backend: str = backend, q=q, k=k, v=v, info=info) -> None:
                 attend(q, k, v, info, backend=backend).sum().backward()
             run()
             times[backend] = _best_of(run, repeats=3)
