@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
 from unibrain_cli.cli.cmd_infer import CASE, CASE_ID, CKPT, DEVICE, HAVE, PREPARED, SEED
-from unibrain_cli.cli.common import command
-from unibrain_cli.errors import NotLandedError
+from unibrain_cli.cli.common import command, emit_json
 
 
 def diagnose(
@@ -26,7 +26,16 @@ def diagnose(
 
     Example: unibrain diagnose --have t1=scan.nii.gz --ckpt run/ --json
     """
-    raise NotLandedError("diagnosis has not landed yet in this version (issue: unibrain diagnose)", "diagnose")
+    from unibrain_cli.inference.diagnose import diagnose as run_diagnose
+    from unibrain_cli.inference.diagnose import diagnosis_table
+    from unibrain_cli.inference.inputs import resolve_inputs
+
+    spec = resolve_inputs(have, case, prepared, case_id)
+    result = run_diagnose(spec, ckpt, impute=impute, seed=seed, device=device)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        Console().print(diagnosis_table(result))
 
 
 def register(app: typer.Typer) -> None:

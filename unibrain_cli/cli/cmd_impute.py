@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 
 from unibrain_cli.cli.cmd_infer import CASE, CASE_ID, CKPT, DEVICE, HAVE, PREPARED, SEED
-from unibrain_cli.cli.common import command
-from unibrain_cli.errors import NotLandedError
+from unibrain_cli.cli.common import STATE, command, out
 
 
 def impute(
@@ -29,7 +28,15 @@ def impute(
 
     Example: unibrain impute --have t1=sub01_T1w.nii.gz --want t2,flair --ckpt run/ --out imputed/
     """
-    raise NotLandedError("imputation has not landed yet in this version (issue: unibrain impute)", "impute")
+    from unibrain_cli.inference.impute import impute as run_impute
+    from unibrain_cli.inference.inputs import parse_modality_list, resolve_inputs
+
+    spec = resolve_inputs(have, case, prepared, case_id)
+    targets = parse_modality_list(want, "--want") or None
+    result = run_impute(spec, targets, ckpt, out_dir, slices=slices, ensemble=ensemble, seed=seed, device=device,
+                        force=force, progress=not STATE.quiet)
+    made = ", ".join(f for k, f in result.files.items() if f.endswith(".nii.gz"))
+    out(f"[green]imputed[/] {made} ({len(result.slices)} slice(s)) -> {result.out}")
 
 
 def register(app: typer.Typer) -> None:

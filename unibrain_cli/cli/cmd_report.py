@@ -8,7 +8,7 @@ import typer
 
 from unibrain_cli.cli.cmd_infer import CASE, CASE_ID, CKPT, DEVICE, HAVE, PREPARED, SEED
 from unibrain_cli.cli.common import command
-from unibrain_cli.errors import NotLandedError
+from unibrain_cli.errors import UserError
 
 
 def report(
@@ -25,7 +25,15 @@ def report(
 
     Example: unibrain report --case sub01/ --ckpt run/ --format markdown
     """
-    raise NotLandedError("report generation has not landed yet in this version (issue: unibrain report)", "report")
+    from unibrain_cli.inference.inputs import resolve_inputs
+    from unibrain_cli.inference.report import FORMATS, format_report
+    from unibrain_cli.inference.report import report as run_report
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}", "--format")
+    spec = resolve_inputs(have, case, prepared, case_id)
+    result = run_report(spec, ckpt, seed=seed, device=device)
+    typer.echo(format_report(result, fmt))
 
 
 def register(app: typer.Typer) -> None:

@@ -29,9 +29,11 @@ def synth(
     res = synthesize(out_dir, cases=cases, seed=seed, resolution=resolution, all_modalities=all_modalities,
                      force=force, progress=not STATE.quiet)
     if as_json:
-        emit_json(res.to_dict() if hasattr(res, "to_dict") else vars(res))
+        emit_json({"out": str(res.out), "case_ids": res.case_ids, "n_files": res.n_files,
+                   "preview": str(res.preview), "all_modalities": res.all_modalities})
     else:
-        out(f"[green]wrote[/] {cases} phantom cases to {out_dir}")
+        per = ", ".join(f"{k} {len(v)}" for k, v in res.case_ids.items())
+        out(f"[green]wrote[/] {cases} phantom cases ({per}) to {res.out}; preview: {res.preview}")
 
 
 def register(app: typer.Typer) -> None:
