@@ -238,21 +238,13 @@ def test_case_without_lesion_gets_central_eval_slice(tmp_path):
     assert r["findings_2d"] == r["findings_3d"]  # no lesion on the slice: text unchanged
 
 
-def _phantom_synthesize():
-    try:
-        from unibrain_cli.data.phantom import synthesize
-    except ImportError:
-        return None
-    return synthesize
-
-
 @pytest.mark.slow  # ~40 s per layout on one core: the 2 mm phantom is prepared at 1 mm
-@pytest.mark.skipif(_phantom_synthesize() is None, reason="phantom.synthesize has not landed")
 @pytest.mark.parametrize("all_modalities", [False, True])
 def test_phantom_round_trip(tmp_path, all_modalities):
     """synth 5 cases at 2 mm -> prepare -> slice: every case lands with its modalities,
     diseases and split as the phantom wrote them."""
-    synthesize = _phantom_synthesize()
+    from unibrain_cli.data.phantom import synthesize
+
     synthesize(tmp_path / "ph", cases=5, seed=0, resolution=2, all_modalities=all_modalities, force=False)
     ph = tmp_path / "ph"
     res = prepare(ph, tmp_path / "prep")
