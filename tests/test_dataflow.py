@@ -304,7 +304,12 @@ def test_understanding_plan_shape():
         assert imgs and all(s.view == "vit" and not s.loss for s in imgs)
         assert [s.modality for s in imgs] == [m for m in pl.start_modalities
                                               if (m, "vit") not in pl.meta["dropped_views"]]
-        assert [s.role for s in pl.segments[len(imgs):]] == ["question", "answer"]
+        roles = [s.role for s in pl.segments[len(imgs):]]
+        assert roles in (["question", "answer"], ["question", "answer", "question", "answer"])
+        if len(roles) == 4:  # a findings Q&A about a shown modality comes first
+            label, _, finding = pl.segments[len(imgs) + 1].text.partition(": ")
+            shown = {T.DISPLAY_NAMES[s.modality] for s in imgs} | {T.DISPLAY_NAMES[m] for m in pl.start_modalities}
+            assert label in shown and finding
         assert pl.kind == "understanding" and pl.understanding_only and pl.task != "generation"
 
 
@@ -385,3 +390,22 @@ def test_pack_plans_first_fit(caplog):
         pack_plans(plans[:2], budget, counts[:1])
     with pytest.raises(UserError):
         pack_plans([], 0, [])
+
+
+def test_findings_questions_are_asked_about_known_modalities_only():
+    rng = np.random.default_rng(3)
+    cfg = DataConfig(findings_prob=1.0, understanding_only_prob=0.0)
+    seen = 0
+    for _ in range(300):
+        pl = build_plan(BRATS, rng, cfg)
+        validate_plan(pl)
+        texts = list(pl.segments)
+        for i, seg in enumerate(texts):
+            if isinstance(seg, TextSegment) and seg.role == "answer" and not seg.text.startswith("Impression") \
+                    and not seg.text.startswith("Final Diagnosis"):
+                seen += 1
+                assert seg.loss and texts[i - 1].role == "question" and not texts[i - 1].loss
+                label = seg.text.split(":", 1)[0]
+                known = {T.DISPLAY_NAMES[m] for m in (*pl.start_modalities, *pl.targets)}
+                assert label in known
+    assert seen > 100

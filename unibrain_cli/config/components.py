@@ -28,6 +28,7 @@ class DataConfig:
     generation_only_prob: float = 0.25  # task probabilities (remaining mass: impression/diagnosis/both)
     impression_prob: float = 0.25
     diagnosis_prob: float = 0.25
+    findings_prob: float = 0.3  # answer samples that first answer one modality's findings question
     pack_tokens: int = 2048  # token budget of one packed sequence
 
 

@@ -267,6 +267,20 @@ def _visual_dropout(
     return kept, dropped, rescued
 
 
+def _findings_qa(rng: np.random.Generator, cfg: DataConfig, known: Sequence[str],
+                 findings: Mapping[str, str]) -> list[Segment]:
+    """With probability ``cfg.findings_prob``: one findings question about a known modality and its
+    answer ``"<MOD>: <2D finding>"`` (loss) — what ``unibrain report`` asks at inference."""
+    candidates = [m for m in known if findings.get(m)]
+    if not candidates or rng.random() >= cfg.findings_prob:
+        return []
+    m = candidates[int(rng.integers(len(candidates)))]
+    return [
+        TextSegment(templates.findings_question_text(m, rng), loss=False, role="question"),
+        TextSegment(templates.findings_answer(m, findings[m]), loss=True, role="answer"),
+    ]
+
+
 def _tail(task: str, rng: np.random.Generator, impression: str, diseases: Sequence[str]) -> list[Segment]:
     if task == "generation":
         return []
@@ -336,6 +350,8 @@ def build_plan(record: Mapping[str, Any], rng: np.random.Generator, cfg: DataCon
             ImageSegment(target, "vit", loss=False),
         ]
         known.append(target)
+    if task != "generation":
+        segments += _findings_qa(rng, cfg, known, findings)
     segments += _tail(task, rng, impression, diseases)
 
     meta = _meta(record) | {
@@ -378,6 +394,7 @@ def understanding_plan(record: Mapping[str, Any], rng: np.random.Generator, cfg:
     kept, dropped, rescued = _visual_dropout(rng, shown, ("vit",), cfg.visual_dropout)
 
     segments: list[Segment] = [ImageSegment(m, "vit", loss=False) for m, _ in kept]
+    segments += _findings_qa(rng, cfg, shown, record_findings(record))
     segments += _tail(task, rng, impression, diseases)
     meta = _meta(record) | {"dropped_views": tuple(dropped), "dropped_instructions": (), "rescued": rescued}
     return SamplePlan(

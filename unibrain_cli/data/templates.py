@@ -131,6 +131,17 @@ RECONSTRUCTION_PROMPTS: tuple[str, ...] = (
     "Synthesize the {image} above once more.",
 )
 
+FINDINGS_QUESTIONS: tuple[str, ...] = (
+    "Describe the {mod} image.",
+    "What are the findings on the {mod} image?",
+    "Report the findings of the {mod} sequence.",
+    "Describe what the {mod} scan shows.",
+    "What does the {mod} image show?",
+    "Please describe the {mod} findings.",
+    "Summarise the {mod} appearance of this case.",
+    "Give the findings for the {mod} image.",
+)
+
 QUESTIONS: dict[str, tuple[str, ...]] = {
     "impression": IMPRESSION_QUESTIONS,
     "diagnosis": DIAGNOSIS_QUESTIONS,
@@ -293,6 +304,21 @@ def planning_sentence(inputs: Sequence[str], target: str) -> str:
     """Evaluation planning sentence, e.g. ``"I need to translate the given T1 image into the
     corresponding T2-weighted MRI."``."""
     return planning_text(inputs, target, None)
+
+
+def findings_question_text(modality: str, rng: np.random.Generator | None = None) -> str:
+    """Question asking for one modality's findings (first phrasing when ``rng`` is None)."""
+    return _choose(FINDINGS_QUESTIONS, rng).format(mod=DISPLAY_NAMES[modality])
+
+
+def findings_answer(modality: str, finding: str) -> str:
+    """Answer to a findings question: ``"<MOD>: <finding>"`` (the label ``report`` forces)."""
+    return f"{DISPLAY_NAMES[modality]}: {finding.strip()}"
+
+
+def findings_question(modality: str) -> str:
+    """Evaluation / report findings question (deterministic)."""
+    return findings_question_text(modality)
 
 
 def impression_question() -> str:

@@ -33,7 +33,7 @@ FORMATS: tuple[str, ...] = ("text", "markdown", "json")
 
 def findings_prompt(modality: str) -> str:
     """The question asking for one modality's findings, e.g. ``"Describe the T2 image."``."""
-    return f"Describe the {DISPLAY_NAMES[modality]} image."
+    return templates.findings_question(modality)
 
 
 @dataclass
