@@ -161,6 +161,15 @@ def packed_attention() -> dict[str, Any]:
     return out
 
 
+@bench("impute_kv_cache")
+def impute_kv_cache() -> dict[str, Any]:
+    """`small` imputing T2, FLAIR, T1ce of one slice + the impression: KV cache vs full recompute,
+    and cached cost for 1..4 imputed modalities (linear, not quadratic)."""
+    from unibrain_cli.inference.bench import bench_impute_cache
+
+    return bench_impute_cache(recipe="small", text_tokens=16, repeats=1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
