@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from unibrain_cli.cli.common import command
-from unibrain_cli.errors import NotLandedError
+from unibrain_cli.cli.common import STATE, command, out
+from unibrain_cli.errors import UserError
 
 
 def train(
@@ -24,8 +24,16 @@ def train(
     """
     from unibrain_cli.config import load_recipe
 
-    load_recipe(recipe, overrides)
-    raise NotLandedError("training has not landed yet in this version (issue: unibrain train)", "train")
+    resolved = load_recipe(recipe, overrides)
+    if data is None:
+        raise UserError("pass the SLICES folder from `unibrain slice`", "--data")
+    if out_dir is None:
+        raise UserError("pass a run folder for checkpoints and outputs", "--out")
+    from unibrain_cli.training.run import train as run_train
+
+    summary = run_train(resolved, data, out_dir, stage=stage, resume=resume, progress=not STATE.quiet)
+    trained = [name for name, info in summary.stages.items() if info.get("status") == "trained"]
+    out(f"[green]trained[/] {', '.join(trained) or 'nothing new'} -> {out_dir}")
 
 
 def register(app: typer.Typer) -> None:
