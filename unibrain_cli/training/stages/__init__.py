@@ -64,9 +64,9 @@ from unibrain_cli.errors import UserError
 #: Stage name -> "module:Class" of its StageTask, or None while not available in this version.
 STAGES: dict[str, str | None] = {
     "vae": "unibrain_cli.training.stages.vae:VAEStage",
-    "sa": None,
-    "unified": None,
-    "dhs": None,
+    "sa": "unibrain_cli.training.stages.sa:SAStage",
+    "unified": "unibrain_cli.training.stages.unified:UnifiedStage",
+    "dhs": "unibrain_cli.training.stages.dhs:DHSStage",
 }
 
 

@@ -1,0 +1,468 @@
+"""The sa / unified / dhs training stages: materialised packs, trainability, DHS rollout, exports, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_baselines import write_slices
+
+from unibrain_cli.config import load_recipe
+from unibrain_cli.config.components import Recipe
+from unibrain_cli.data.dataflow import SamplePlan, self_alignment_plan
+from unibrain_cli.data.tokenizer import TextTokenizer
+from unibrain_cli.errors import UserError
+from unibrain_cli.model.checkpoint import from_pretrained
+from unibrain_cli.model.embeddings import patch_tokens
+from unibrain_cli.model.packing import TokenType
+from unibrain_cli.training.materialize import (
+    ImageItem,
+    TextIds,
+    TextItem,
+    batched_patches,
+    fill_pack,
+    plan_items,
+    unpatch,
+)
+from unibrain_cli.training.model_init import bpe_tokenizer
+from unibrain_cli.training.run import train
+from unibrain_cli.training.stages import StageContext, stage_generator
+from unibrain_cli.training.stages.dhs import DHSStage
+from unibrain_cli.training.stages.sa import SAStage
+from unibrain_cli.training.stages.unified import UnifiedStage
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def recipe_with(*stages: dict, extra: tuple[str, ...] = ()) -> Recipe:
+    items = ", ".join("{" + ", ".join(f"{k}={json.dumps(v)}" for k, v in s.items()) + "}" for s in stages)
+    return load_recipe("tiny", [f"train.stages=[{items}]", "train.log_every=1", "train.checkpoint_every=2", *extra])
+
+
+VAE = {"name": "vae", "steps": 1, "batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def slices(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_slices(tmp_path_factory.mktemp("stage_slices") / "SLICES")
+
+
+@pytest.fixture(scope="module")
+def pipeline(slices: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """RUN of vae(1) -> sa(2) -> unified(2) -> dhs(2, 2 rollout steps) on the tiny recipe."""
+    run = tmp_path_factory.mktemp("pipeline") / "RUN"
+    recipe = recipe_with(VAE, {"name": "sa", "steps": 2, "lr": 1e-3}, {"name": "unified", "steps": 2, "lr": 1e-3},
+                         {"name": "dhs", "steps": 2, "lr": 1e-3, "dhs_rollout_steps": 2})
+    summary = train(recipe, slices, run)
+    assert [summary.stages[n]["status"] for n in ("vae", "sa", "unified", "dhs")] == ["trained"] * 4
+    return run
+
+
+def copy_vae_run(pipeline: Path, dest: Path) -> Path:
+    """A run folder holding only the pipeline's finished vae stage (same model/data recipe)."""
+    dest.mkdir(parents=True)
+    shutil.copytree(pipeline / "vae", dest / "vae")
+    info = json.loads((pipeline / "run.json").read_text())
+    info["stages_done"], info["stages"] = ["vae"], {"vae": info["stages"]["vae"]}
+    (dest / "run.json").write_text(json.dumps(info))
+    return dest
+
+
+def ctx_for(recipe: Recipe, index: int, slices: Path, run: Path) -> StageContext:
+    names = [s.name for s in recipe.train.stages]
+    inputs = {n: run / n / "final" for n in names[:index]}
+    return StageContext(recipe, recipe.train.stages[index], index, slices, run, inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def test_patches_round_trip_and_match_the_model_helpers() -> None:
+    x = torch.randn(3, 4, 8, 8)
+    tok = batched_patches(x, 2)
+    assert tok.shape == (3, 16, 16)
+    assert torch.equal(tok[1], patch_tokens(x[1], 2))
+    assert torch.equal(unpatch(tok, 4, 8, 8, 2), x)
+
+
+class _Tok:
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text: str) -> list[int]:
+        return [10 + ord(c) % 50 for c in text]
+
+
+def test_text_ids_wrap_and_truncate_like_inference() -> None:
+    from unibrain_cli.inference.blocks import wrap_text
+
+    ids = TextIds(_Tok(), max_tokens=5)
+    assert ids("ab") == (1, 10 + ord("a") % 50, 10 + ord("b") % 50, 2)
+    assert len(ids("abcdefgh")) == 7 and ids("abcdefgh")[-1] == 2
+    assert list(ids("abcdefgh")) == wrap_text(_Tok(), "abcdefgh", 5)
+    with pytest.raises(ValueError, match="max_text_tokens"):
+        TextIds(_Tok(), max_tokens=0)
+
+
+def test_vit_and_vae_views_match_the_inference_helpers() -> None:
+    from unibrain_cli.inference.blocks import image_to_vae_tokens, image_to_vit_patches
+    from unibrain_cli.model.vae import AutoEncoder
+    from unibrain_cli.training.materialize import latent_tokens, vit_tokens
+
+    cfg = load_recipe("tiny").model
+    vae = AutoEncoder(cfg.vae).eval()
+    pixels = torch.rand(3, 32, 32)
+    vit = vit_tokens(pixels, cfg.vit.patch_size, cfg.vit.num_channels, 32)
+    lat = latent_tokens(vae, pixels, cfg)
+    for i in range(3):
+        assert torch.equal(vit[i], image_to_vit_patches(pixels[i], cfg)[0])
+        assert torch.allclose(lat[i], image_to_vae_tokens(vae, pixels[i], cfg)[0], atol=1e-5)
+
+
+def test_plan_items_assign_slots_and_generated_views() -> None:
+    from unibrain_cli.data.dataflow import ImageSegment, TextSegment
+
+    plan = SamplePlan(segments=(
+        ImageSegment("t1", "vae_clean", False), ImageSegment("t1", "vit", False),
+        TextSegment("go", False, "instruction"), TextSegment("think", True, "thinking"),
+        ImageSegment("t2", "vae_noisy", True), ImageSegment("t2", "vae_clean", False), ImageSegment("t2", "vit", False),
+        TextSegment("q", False, "question"), TextSegment("a", True, "answer"),
+    ), task="impression", start_modalities=("t1",), targets=("t2",), understanding_only=False, thinking=True)
+    where = {"t1": 7, "t2": 8}
+    items, nxt = plan_items(plan, where.__getitem__, TextIds(_Tok(), 10), first_slot=3)
+    assert nxt == 4
+    imgs = [it for it in items if isinstance(it, ImageItem)]
+    assert [(i.kind, i.noisy, i.image, i.slot) for i in imgs] == [
+        ("vae", False, 7, -1), ("vit", False, 7, -1), ("vae", True, 8, 3), ("vae", False, 8, 3), ("vit", False, 8, 3)]
+    assert [(i.role, i.loss) for i in items if isinstance(i, TextItem)] == [
+        ("instruction", False), ("thinking", True), ("question", False), ("answer", True)]
+    sa_items, _ = plan_items(self_alignment_plan("flair"), lambda m: 0, TextIds(_Tok(), 10), 0)
+    assert [i.sa for i in sa_items if isinstance(i, ImageItem) and i.noisy] == [True]
+
+
+def test_bpe_tokenizer_is_deterministic_and_sized(slices: Path) -> None:
+    a, b = bpe_tokenizer(slices, 512), bpe_tokenizer(slices, 512)
+    assert a.tokenizer.to_str() == b.tokenizer.to_str()
+    assert a.vocab_size <= 512
+    text = "Translate the given T1 image into the corresponding T2-weighted MRI."
+    assert len(a.encode(text)) < len(text) / 2  # the template phrasings were learned
+    assert a.decode(a.encode(text)) == text
+
+
+# ---------------------------------------------------------------------------------------------
+# materialised packs
+
+
+def _expected_layout(items: list, geom) -> tuple[list[int], list[int], list[bool]]:
+    """(loss target offsets, positions, noisy flags per token) of one sample walked by hand."""
+    targets, positions, noisy = [], [], []
+    pos = off = 0
+    for it in items:
+        if isinstance(it, TextItem):
+            for j, _ in enumerate(it.ids):
+                if it.loss and j > 0:
+                    targets.append(off)
+                positions.append(pos)
+                noisy.append(False)
+                pos, off = pos + 1, off + 1
+        else:
+            n = geom.vit_block_tokens if it.kind == "vit" else geom.vae_block_tokens
+            positions += [pos] * n
+            noisy += [it.noisy] * n
+            off += n
+            pos += 0 if it.noisy else 1
+    return targets, positions, noisy
+
+
+@pytest.mark.parametrize("stage_cls", [UnifiedStage, SAStage, DHSStage])
+def test_materialised_packs_obey_split_position_and_loss_rules(stage_cls, pipeline: Path, slices: Path) -> None:
+    recipe = recipe_with(VAE, {"name": stage_cls.name, "steps": 1})
+    stage = stage_cls(ctx_for(recipe, 1, slices, pipeline))
+    geom = stage.geometry()
+    batch = stage.next_batch(0, stage_generator(0, 1, 0))["batch"]
+    again = stage.next_batch(0, stage_generator(0, 1, 0))["batch"]
+    assert torch.equal(batch.noise, again.noise) and batch.descriptions == again.descriptions
+    p = batch.packed
+    assert p.length <= recipe.data.pack_tokens and p.num_samples == len(batch.samples) >= 2
+    start = 0
+    all_targets: list[int] = []
+    for s, items in enumerate(batch.samples):
+        targets, positions, noisy = _expected_layout(items, geom)
+        n = p.sample_lens[s]
+        assert p.position_ids[start:start + n].tolist() == positions
+        all_targets += [start + t for t in targets]
+        vae_rows = (p.token_types[start:start + n] == TokenType.VAE).nonzero().flatten()
+        flags = torch.tensor(noisy)[vae_rows]
+        sample_noisy = p.vae_noisy[(p.vae_indexes >= start) & (p.vae_indexes < start + n)]
+        assert torch.equal(sample_noisy, flags)
+        start += n
+    # NTP loss covers exactly the thinking / answer tokens after their bos (incl. the eos), nothing else
+    assert (p.ce_indexes + 1).tolist() == all_targets
+    assert torch.equal(p.ce_labels, p.text_ids[torch.searchsorted(p.text_indexes, p.ce_indexes + 1)])
+    roles = {it.role for items in batch.samples for it in items if isinstance(it, TextItem) and it.loss}
+    assert roles <= {"thinking", "answer"}
+    if stage_cls is SAStage:
+        assert p.ce_indexes.numel() == 0 and bool(batch.slot_sa.all())
+    # flow loss: noisy rows only, one flow time per noisy image, clean images at t = 0; noise splits hide
+    assert int(p.vae_noisy.sum()) == batch.num_slots * geom.vae_image_tokens
+    assert torch.equal(p.vae_timesteps[p.vae_noisy], batch.timesteps.repeat_interleave(geom.vae_image_tokens))
+    assert float(p.vae_timesteps[~p.vae_noisy].abs().sum()) == 0.0
+    noisy_splits = {img.split for img in p.images if img.noisy}
+    assert {i for i, m in enumerate(p.split_modes) if m == "noise"} == noisy_splits
+    # every image split is wrapped in the marker tokens
+    tok = stage.tokenizer()
+    for img in p.images:
+        first = sum(p.split_lens[:img.split])
+        last = first + p.split_lens[img.split] - 1
+        assert p.token_types[first] == TokenType.TEXT and p.token_types[last] == TokenType.TEXT
+    assert int((p.text_ids == tok.image_start_id).sum()) == len(p.images)
+    # filled pack: noisy rows hold x_t, targets eps - x0
+    module = stage.build_model()
+    lat, vit = module.encode_images(batch.pixels)
+    filled = fill_pack(batch, lat, vit)
+    vae_spans = [img for img in p.images if img.kind == "vae"]
+    noisy_src = batch.vae_src[[i for i, img in enumerate(vae_spans) if img.noisy]]
+    x0 = lat[noisy_src]
+    t = batch.timesteps[:, None, None]
+    x_t = filled.packed.vae_latents[p.vae_noisy].reshape(x0.shape)
+    assert torch.allclose(x_t, (1 - t) * x0 + t * batch.noise, atol=1e-6)
+    assert torch.allclose(filled.target.reshape(x0.shape), batch.noise - x0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end through the trainer
+
+
+def test_pipeline_exports_load_with_from_pretrained(pipeline: Path) -> None:
+    lines = [json.loads(x) for x in (pipeline / "metrics.jsonl").read_text().splitlines()]
+    terms = {(x["stage"], x["step"]): x["terms"] for x in lines if x["kind"] == "train"}
+    assert terms[("sa", 2)]["ntp"] == 0.0 and terms[("sa", 2)]["flow"] == 0.0 and terms[("sa", 2)]["sa"] > 0
+    assert terms[("unified", 2)]["ntp"] > 0 and terms[("unified", 2)]["flow"] > 0
+    assert all(terms[("dhs", 2)][k] > 0 for k in ("ntp", "flow", "sa"))
+    vae_cfg = json.loads((pipeline / "vae" / "final" / "config.json").read_text())
+    for name in ("sa", "unified", "dhs"):
+        final = pipeline / name / "final"
+        assert {"model.safetensors", "config.json", "ae.safetensors", "tokenizer.json"} <= {f.name for f in final.iterdir()}
+        pre = from_pretrained(final)
+        assert pre.extra["recipe"]["name"] == "tiny" and pre.extra["stage"] == name
+        assert pre.extra["recipe"]["train"]["stages"][1]["name"] == "sa"
+        assert pre.vae is not None and pre.vae.scale_factor == pytest.approx(vae_cfg["scale_factor"])
+        assert pre.config.vae.shift_factor == pytest.approx(vae_cfg["shift_factor"])
+        tok = TextTokenizer.load(pre.tokenizer_dir)
+        assert tok.vocab_size <= pre.config.llm.vocab_size
+    # each stage started from the previous one: sa froze the ViT, so the ViT of sa equals unified's start
+    sa = load_file(str(pipeline / "sa" / "final" / "model.safetensors"))
+    uni = load_file(str(pipeline / "unified" / "final" / "model.safetensors"))
+    key = "language_model.model.layers.0.mlp.gate_proj.weight"
+    assert not torch.equal(sa[key], uni[key])
+
+
+def test_sa_trains_only_the_generation_expert(pipeline: Path, slices: Path, tmp_path: Path) -> None:
+    run = copy_vae_run(pipeline, tmp_path / "RUN")
+    recipe = recipe_with(VAE, {"name": "sa", "steps": 2, "lr": 1e-2, "ema_decay": 0.0})
+    stage = SAStage(ctx_for(recipe, 1, slices, run))
+    before = {k: v.clone() for k, v in stage.build_model().state_dict().items()}
+    after: dict[str, torch.Tensor] = {}
+
+    def grab(info) -> None:
+        if info.step == 2:
+            after.update({k: v.detach().clone() for k, v in info.model.state_dict().items()})
+
+    train(recipe, slices, run, stage="sa", hooks=[grab])
+    gen = ("_moe_gen", "model.vae2llm.", "model.llm2vae.", "model.time_embedder.")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(any(g in k for g in gen) for k in changed)
+    frozen = [k for k in before if k.startswith(("model.vit_model.", "model.connector.", "vae."))
+              or (k.startswith("model.language_model.") and "_moe_gen" not in k)]
+    assert all(torch.equal(before[k], after[k]) for k in frozen) and len(frozen) > 20
+    assert any("layers.0.mlp_moe_gen" in k for k in changed) and any("llm2vae" in k for k in changed)
+    assert any("q_proj_moe_gen" in k for k in changed)
+    trainable = set(stage.trainable_modules(stage.build_model()))
+    assert "model.language_model.model.norm_moe_gen" in trainable
+    assert "model.language_model.model.layers.1.self_attn.k_norm_moe_gen" in trainable
+
+
+def test_unified_resume_two_plus_two_equals_four(pipeline: Path, slices: Path, tmp_path: Path) -> None:
+    recipe = recipe_with(VAE, {"name": "unified", "steps": 4, "lr": 1e-3})
+    straight = copy_vae_run(pipeline, tmp_path / "A")
+    train(recipe, slices, straight, stage="unified")
+
+    resumed = copy_vae_run(pipeline, tmp_path / "B")
+
+    def stop(info) -> None:
+        if info.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, slices, resumed, stage="unified", hooks=[stop])
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    summary = train(recipe, slices, resumed, resume=True)
+    assert summary.stages["unified"]["resumed_from"] == 2
+    a = load_file(str(straight / "unified" / "final" / "model.safetensors"))
+    b = load_file(str(resumed / "unified" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def losses(run: Path) -> list[float]:
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [x["loss"] for x in lines if x["kind"] == "train" and x["stage"] == "unified"]
+
+    assert losses(straight) == losses(resumed) and len(losses(straight)) == 4
+
+
+def test_model_stage_input_errors(pipeline: Path, slices: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="autoencoder"):
+        train(recipe_with({"name": "unified", "steps": 1}), slices, tmp_path / "R1")
+    with pytest.raises(UserError, match="not a model folder"):
+        train(recipe_with({"name": "unified", "steps": 1}, extra=(f"train.init_from={json.dumps(str(tmp_path))}",)),
+              slices, tmp_path / "R2")
+    init = f"train.init_from={json.dumps(str(pipeline / 'unified' / 'final'))}"
+    with pytest.raises(UserError, match="model.llm.num_layers: 2 != 3"):
+        train(recipe_with({"name": "unified", "steps": 1}, extra=(init, "model.llm.num_layers=3")), slices,
+              tmp_path / "R4")
+    assert not (tmp_path / "R4").exists()  # refused before anything was written
+    # init_from a save_pretrained folder: model, autoencoder and tokenizer come from it
+    recipe = recipe_with({"name": "dhs", "steps": 1, "dhs_rollout_steps": 1},
+                         extra=(f"train.init_from={json.dumps(str(pipeline / 'unified' / 'final'))}",))
+    train(recipe, slices, tmp_path / "R3")
+    assert (tmp_path / "R3" / "dhs" / "final" / "tokenizer.json").read_text() == \
+        (pipeline / "unified" / "final" / "tokenizer.json").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# DHS
+
+
+def _dhs_batch(stage: DHSStage):
+    """A micro-batch whose first sample generates a target and has NTP text after it."""
+    for pos in range(40):
+        batch = stage.next_batch(pos, stage_generator(pos, 3, 0))["batch"]
+        for items in batch.samples:
+            first = next((i for i, it in enumerate(items) if isinstance(it, ImageItem) and it.noisy and not it.sa), None)
+            if first is not None and any(isinstance(it, TextItem) and it.loss for it in items[first:]):
+                return batch
+    raise AssertionError("no DHS batch with text after a generated image")
+
+
+def _dhs_stage(pipeline: Path, slices: Path, steps: int) -> DHSStage:
+    recipe = recipe_with(VAE, {"name": "unified", "steps": 1}, {"name": "dhs", "steps": 1, "dhs_rollout_steps": steps})
+    return DHSStage(ctx_for(recipe, 2, slices, pipeline))  # starts from the pipeline's unified export
+
+
+def _after_generated(batch) -> torch.Tensor:
+    """bool [N_ce]: the NTP target comes after a generated image of its sample."""
+    p = batch.packed
+    vae_spans = [img for img in p.images if img.kind == "vae"]
+    first = {}
+    for span, gen in zip(vae_spans, batch.vae_gen.tolist(), strict=True):
+        if gen >= 0 and span.sample not in first:
+            first[span.sample] = sum(p.split_lens[:span.split])
+    target = p.ce_indexes + 1
+    limit = torch.tensor([first.get(int(s), p.length) for s in p.sample_ids[target]])
+    return target > limit
+
+
+def test_dhs_text_loss_sees_generated_latents_never_ground_truth(pipeline: Path, slices: Path) -> None:
+    stage = _dhs_stage(pipeline, slices, steps=2)
+    module = stage.build_model()
+    batch = _dhs_batch(stage)
+    assert bool(batch.slot_sa.any()) and bool((batch.exit_steps[~batch.slot_sa] >= 0).all())
+
+    def logits(lat, vit, gen_lat=None, gen_vit=None):
+        packed = fill_pack(batch, lat, vit, gen_lat, gen_vit).packed
+        return module.model(packed, logits_at="loss", velocity_at="none").logits
+
+    after = _after_generated(batch)
+    assert bool(after.any()) and bool((~after).any())
+    with torch.no_grad():
+        lat, vit = module.encode_images(batch.pixels)
+        base = module.losses(batch, lat, vit)
+        _, gen_lat, gen_vit = module.rollout(batch, lat, vit)
+        ref = logits(lat, vit, gen_lat, gen_vit)
+        # perturbing the ground truth of generated targets (latents and ViT) changes neither the rollout nor
+        # any text logit ...
+        targets = sorted({it.image for items in batch.samples for it in items
+                          if isinstance(it, ImageItem) and it.noisy and not it.sa})
+        lat2, vit2 = lat.clone(), vit.clone()
+        lat2[targets] += 3.0 * torch.randn_like(lat2[targets])
+        vit2[targets] += 3.0 * torch.randn_like(vit2[targets])
+        _, gen_lat2, gen_vit2 = module.rollout(batch, lat2, vit2)
+        assert torch.equal(gen_lat2, gen_lat) and torch.equal(gen_vit2, gen_vit)
+        assert torch.equal(logits(lat2, vit2, gen_lat2, gen_vit2), ref)
+        moved = module.losses(batch, lat2, vit2)
+        assert float(moved.ntp) == float(base.ntp)
+        assert abs(float(moved.flow) - float(base.flow)) > 1e-3  # ... while their own flow loss sees them
+        # the text after a generated image depends on the generated views; text before it does not
+        other = logits(lat, vit, gen_lat + torch.randn_like(gen_lat), gen_vit + torch.randn_like(gen_vit))
+        diff = (other - ref).abs().amax(dim=1)
+        assert float(diff[after].min()) > 1e-5 and float(diff[~after].max()) == 0.0
+        # and the unified (teacher-forced) context differs from the dynamic one
+        teacher = logits(lat, vit)
+        assert float((teacher - ref).abs().amax(dim=1)[after].min()) > 1e-5
+    # gradients of the packed forward reach the understanding expert through the dynamic context
+    module.train()
+    out = module(batch)
+    out["loss"].backward()
+    grad = module.model.language_model.model.layers[0].self_attn.q_proj.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+
+
+def test_dhs_cached_rollout_equals_packed_forward(pipeline: Path, slices: Path) -> None:
+    """With one Euler step from t = 1 and exit step 0, the rollout's sample is eps - v(eps | cache); the packed
+    training forward sees x_t = eps at t = 1 after the same dynamic context, so it predicts the same v."""
+    stage = _dhs_stage(pipeline, slices, steps=1)
+    module = stage.build_model()
+    batch = _dhs_batch(stage)
+    assert bool((batch.timesteps[~batch.slot_sa] == 1.0).all())
+    with torch.no_grad():
+        lat, vit = module.encode_images(batch.pixels)
+        sampled, gen_lat, gen_vit = module.rollout(batch, lat, vit)
+        filled = fill_pack(batch, lat, vit, gen_lat, gen_vit)
+        v = module.model(filled.packed, logits_at="none", velocity_at="noisy").velocity
+    v = v.reshape(batch.num_slots, -1, v.shape[-1])
+    gen = ~batch.slot_sa
+    assert int(gen.sum()) >= 1
+    assert torch.allclose(batch.noise[gen] - v[gen], sampled[gen], atol=1e-4)
+    assert float(v[gen].abs().max()) > 1e-4  # a real prediction, not the zero-initialised head
+
+
+def test_dhs_next_batch_is_deterministic(pipeline: Path, slices: Path) -> None:
+    stage = _dhs_stage(pipeline, slices, steps=4)
+    a = stage.next_batch(5, stage_generator(1, 3, 0))["batch"]
+    b = stage.next_batch(5, stage_generator(1, 3, 0))["batch"]
+    assert a.descriptions == b.descriptions and torch.equal(a.timesteps, b.timesteps)
+    assert torch.equal(a.exit_steps, b.exit_steps) and torch.equal(a.pixels, b.pixels)
+    from unibrain_cli.flow.sampler import timestep_schedule
+
+    sched = timestep_schedule(4, load_recipe("tiny").flow.sample_timestep_shift)
+    gen = ~a.slot_sa
+    assert torch.equal(a.timesteps[gen], sched[a.exit_steps[gen]])
+    assert bool((a.exit_steps[a.slot_sa] == -1).all()) and int(a.slot_sa.sum()) == 1
+    assert np.isclose(float(a.timesteps.min()), float(a.timesteps.min()))
+
+
+def test_geometry_of_the_bagel_recipe_resizes_the_vit_view() -> None:
+    from unibrain_cli.training.materialize import ImageGeometry, vit_tokens
+
+    recipe = load_recipe("bagel-7b")
+    geom = ImageGeometry.from_config(recipe.model, recipe.data.image_size)
+    assert geom.problems() == []
+    assert geom.vit_size == 252 and geom.vit_grid == (18, 18) and geom.latent_grid == (16, 16)
+    assert geom.vit_block_tokens == 18 * 18 + 2 and geom.latent_dim == 64
+    tok = vit_tokens(torch.rand(2, 256, 256), 14, 3, geom.vit_size)
+    assert tok.shape == (2, 324, 14 * 14 * 3) and float(tok.min()) >= -1.0 and float(tok.max()) <= 1.0
+    tiny = load_recipe("tiny")
+    assert ImageGeometry.from_config(tiny.model, 32).vit_size == 32
+    assert ImageGeometry.from_config(tiny.model, 96).problems()  # 12 patches > table side 8

@@ -1,0 +1,291 @@
+"""The ``unified`` stage: interleaved generation + understanding on packed sequences, all trainable.
+
+Per micro-batch (``next_batch``, every random choice from the stage generator):
+
+1. a numpy generator seeded from the stage generator draws samples: a random train slice
+   (uniformly, with replacement — each rank has its own generator, so ranks see different
+   samples) and its randomised interleaved plan (``build_plan``: task, thinking, order,
+   targets, visual/text dropout, phrasings);
+2. candidates are drawn until they hold ``data.pack_tokens`` tokens; the first pack of
+   ``pack_plans`` (first-fit) is the micro-batch (a lone over-long sample is packed alone);
+3. per noisy target a flow time ``t = shift(sigmoid(N(mean, std)))`` (``flow.train_timestep_shift``,
+   ``flow.logit_normal_*``) and its noise ``eps`` [T, D] are drawn from the stage generator.
+
+Loss (``UnifiedTrainModule.forward``): ``ntp_weight * L_NTP + flow_weight * L_flow`` where
+``L_NTP`` is the cross-entropy averaged over the micro-batch's NTP targets (thinking and answer
+tokens + their eos) and ``L_flow`` the velocity MSE (target ``eps - x0``) averaged over noisy
+latent tokens — each normalised by its own token count in the micro-batch (the trainer then
+averages micro-batches of a step). VAE latents and ViT patches are computed in ``forward`` (VAE
+frozen, no grad) from the slices' pixels. Trainable: the whole unified model; the autoencoder is
+frozen.
+
+This module also holds what the three model stages share: :class:`UnifiedTrainModule` (the
+wrapped loss module) and :class:`ModelStage` (data, model building, export).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from unibrain_cli.config.loader import recipe_to_dict
+from unibrain_cli.data.dataflow import (
+    SamplePlan,
+    build_plan,
+    describe_plan,
+    pack_plans,
+    plan_token_count,
+    record_diseases,
+    record_impression,
+    record_modalities,
+)
+from unibrain_cli.data.tokenizer import TextTokenizer
+from unibrain_cli.errors import UserError
+from unibrain_cli.evaluation.slices_data import SliceDataset, read_slices_meta
+from unibrain_cli.flow.objective import sample_timesteps
+from unibrain_cli.modalities import MODALITIES
+from unibrain_cli.model.bagel import UniBrainModel
+from unibrain_cli.model.checkpoint import save_pretrained
+from unibrain_cli.model.vae import AutoEncoder
+from unibrain_cli.training.materialize import (
+    ImageGeometry,
+    Item,
+    LossTerms,
+    TextIds,
+    TrainBatch,
+    build_batch,
+    fill_pack,
+    latent_tokens,
+    pack_losses,
+    plan_items,
+    vit_tokens,
+)
+from unibrain_cli.training.model_init import ModelBundle, check_sources, load_bundle, load_tokenizer
+from unibrain_cli.training.stages import StageTask, StepOutput
+
+logger = logging.getLogger(__name__)
+
+#: Upper bound on candidate samples drawn for one micro-batch.
+MAX_CANDIDATES = 512
+
+
+class UnifiedTrainModule(nn.Module):
+    """The unified model + its frozen autoencoder; ``forward(batch)`` returns the loss terms.
+
+    Args:
+        model: the unified model (trained).
+        vae: the autoencoder (frozen; encodes the slices, decodes DHS generations).
+        geom: token layout of the slices.
+        ntp_weight, flow_weight: weights of the NTP and flow (incl. self-alignment) terms.
+    """
+
+    def __init__(self, model: UniBrainModel, vae: AutoEncoder, geom: ImageGeometry,
+                 ntp_weight: float = 1.0, flow_weight: float = 1.0) -> None:
+        super().__init__()
+        self.model = model
+        self.vae = vae
+        self.geom = geom
+        self.ntp_weight = float(ntp_weight)
+        self.flow_weight = float(flow_weight)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """Ground-truth views of ``pixels`` [n, S, S]: (latent tokens [n, T, D], ViT patches [n, Tv, P])."""
+        g = self.geom
+        return (latent_tokens(self.vae, pixels, self.model.config),
+                vit_tokens(pixels, g.vit_patch, g.vit_channels, g.vit_size))
+
+    def terms(self, batch: TrainBatch, lat: Tensor, vit: Tensor, gen_lat: Tensor | None = None,
+              gen_vit: Tensor | None = None) -> LossTerms:
+        """One packed forward with grad and its loss terms (see :func:`materialize.fill_pack`)."""
+        filled = fill_pack(batch, lat, vit, gen_lat, gen_vit)
+        has_flow = filled.target.shape[0] > 0
+        has_text = filled.packed.ce_indexes.numel() > 0
+        out = self.model(filled.packed, logits_at="loss" if has_text else "none",
+                         velocity_at="noisy" if has_flow else "none")
+        return pack_losses(out.logits, filled.packed.ce_labels, out.velocity, filled.target, filled.row_sa)
+
+    def combine(self, t: LossTerms) -> dict[str, Tensor]:
+        """``loss = ntp_weight * ntp + flow_weight * (flow + sa)`` plus the detached terms."""
+        loss = self.ntp_weight * t.ntp + self.flow_weight * (t.flow + t.sa)
+        return {"loss": loss, "ntp": t.ntp.detach(), "flow": t.flow.detach(), "sa": t.sa.detach()}
+
+    def forward(self, batch: TrainBatch) -> dict[str, Tensor]:
+        lat, vit = self.encode_images(batch.pixels)
+        return self.combine(self.terms(batch, lat, vit))
+
+
+class ModelStage(StageTask):
+    """Shared machinery of the sa / unified / dhs stages (data, model, batches, export)."""
+
+    name = "unified"
+    unit = "tokens"
+    find_unused_parameters = True  # a pack without text targets or without images skips weights
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self._tok: TextTokenizer | None = None
+        self._dataset: SliceDataset | None = None
+        self._records: list[dict[str, Any]] = []
+        self._text: TextIds | None = None
+
+    # -- checks and data ---------------------------------------------------------------------------
+    def usable(self, record: dict[str, Any]) -> bool:
+        """Records this stage can draw (default: ones ``build_plan`` accepts)."""
+        mods = record_modalities(record, self.ctx.recipe.data.modalities)
+        return bool(mods) and (len(mods) >= 2 or bool(record_impression(record)) or bool(record_diseases(record)))
+
+    def dataset(self) -> tuple[SliceDataset, list[dict[str, Any]]]:
+        """The train split restricted to usable records, and those records as dicts."""
+        if self._dataset is None:
+            ds = SliceDataset(self.ctx.data_dir, split="train")
+            records = ds.index.to_dict("records")
+            keep = [i for i, r in enumerate(records) if self.usable(r)]
+            ds.index = ds.index.iloc[keep].reset_index(drop=True)
+            self._records = [records[i] for i in keep]
+            self._dataset = ds
+        return self._dataset, self._records
+
+    def geometry(self) -> ImageGeometry:
+        return ImageGeometry.from_config(self.ctx.recipe.model, self.ctx.recipe.data.image_size)
+
+    def check(self) -> None:
+        recipe, data_dir = self.ctx.recipe, self.ctx.data_dir
+        meta = read_slices_meta(data_dir)
+        size = recipe.data.image_size
+        if int(meta["size"]) != size:
+            raise UserError(f"slices have image size {meta['size']} but the recipe's data.image_size is {size}; "
+                            f"re-run `unibrain slice --size {size}` or --set data.image_size={meta['size']}",
+                            str(data_dir))
+        bad = self.geometry().problems()
+        if bad:
+            raise UserError("; ".join(bad), "data.image_size")
+        if recipe.data.max_text_tokens < 1:
+            raise UserError("must be at least 1", "data.max_text_tokens")
+        if self.ctx.stage.ntp_weight < 0 or self.ctx.stage.flow_weight < 0:
+            raise UserError("loss weights must be >= 0", f"train.stages[{self.ctx.index}]")
+        _, records = self.dataset()
+        if not records:
+            raise UserError(f"the train split has no slice usable by the {self.name} stage (modalities "
+                            f"{list(recipe.data.modalities)}, reports); check `unibrain slice` and data.modalities",
+                            str(data_dir))
+        check_sources(recipe, self.ctx.inputs)
+
+    # -- model -------------------------------------------------------------------------------------
+    def load(self) -> ModelBundle:
+        bundle = load_bundle(self.ctx.recipe, self.ctx.inputs, self.ctx.data_dir)
+        logger.info("%s stage starts from %s", self.name, bundle.source)
+        if self._tok is None:
+            self._tok = bundle.tokenizer
+        return bundle
+
+    def tokenizer(self) -> TextTokenizer:
+        if self._tok is None:
+            self._tok = load_tokenizer(self.ctx.recipe, self.ctx.inputs, self.ctx.data_dir)
+        return self._tok
+
+    def text_ids(self) -> TextIds:
+        if self._text is None:
+            self._text = TextIds(self.tokenizer(), self.ctx.recipe.data.max_text_tokens)
+        return self._text
+
+    def make_module(self, bundle: ModelBundle) -> UnifiedTrainModule:
+        st = self.ctx.stage
+        return UnifiedTrainModule(bundle.model, bundle.vae, self.geometry(), st.ntp_weight, st.flow_weight)
+
+    def build_model(self) -> nn.Module:
+        return self.make_module(self.load())
+
+    def trainable_modules(self, model: nn.Module) -> Sequence[str]:
+        return ("model",)
+
+    # -- batches -----------------------------------------------------------------------------------
+    def markers(self) -> tuple[int, int]:
+        tok = self.tokenizer()
+        return (tok.image_start_id, tok.image_end_id)
+
+    def numpy_rng(self, generator: torch.Generator) -> np.random.Generator:
+        """A numpy generator for plan randomness, seeded from the stage generator."""
+        return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+
+    def token_count(self, plan: SamplePlan) -> int:
+        g = self.geometry()
+        return plan_token_count(plan, self.text_ids().length, g.vit_block_tokens, g.vae_block_tokens)
+
+    def draw_plan(self, rng: np.random.Generator) -> tuple[int, SamplePlan]:
+        """One candidate sample: (record index, plan)."""
+        _, records = self.dataset()
+        i = int(rng.integers(len(records)))
+        return i, build_plan(records[i], rng, self.ctx.recipe.data)
+
+    def draw_pack(self, rng: np.random.Generator, budget: int | None = None) -> list[tuple[int, SamplePlan]]:
+        """Candidates until ``budget`` tokens are reached, then the first first-fit pack of them."""
+        budget = budget or self.ctx.recipe.data.pack_tokens
+        cands, counts = [], []
+        while sum(counts) < budget and len(cands) < MAX_CANDIDATES:
+            cands.append(self.draw_plan(rng))
+            counts.append(self.token_count(cands[-1][1]))
+        first = pack_plans([p for _, p in cands], budget, counts)[0]
+        return [cands[i] for i in first]
+
+    def materialize(self, chosen: Sequence[tuple[int, SamplePlan]]) -> tuple[list[list[Item]], Tensor, list[str]]:
+        """Items of each sample and the stacked distinct pixels [n_img, S, S]."""
+        ds, _ = self.dataset()
+        pixels: list[np.ndarray] = []
+        samples: list[list[Item]] = []
+        slot = 0
+        for rec, plan in chosen:
+            arrays = ds.arrays(rec)["images"]
+            local: dict[str, int] = {}
+
+            def pixel_index(m: str, arrays: np.ndarray = arrays, local: dict[str, int] = local) -> int:
+                if m not in local:
+                    local[m] = len(pixels)
+                    pixels.append(arrays[MODALITIES.index(m)])
+                return local[m]
+
+            items, slot = plan_items(plan, pixel_index, self.text_ids(), slot)
+            samples.append(items)
+        s = self.ctx.recipe.data.image_size
+        stack = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros((0, s, s))
+        return samples, stack, [describe_plan(p) for _, p in chosen]
+
+    def flow_times(self, n: int, generator: torch.Generator) -> Tensor:
+        f = self.ctx.recipe.flow
+        return sample_timesteps(n, generator, f.logit_normal_mean, f.logit_normal_std, f.train_timestep_shift)
+
+    def noise(self, n: int, generator: torch.Generator) -> Tensor:
+        g = self.geometry()
+        return torch.randn((n, g.vae_image_tokens, g.latent_dim), generator=generator)
+
+    def next_batch(self, position: int, generator: torch.Generator) -> dict[str, Any]:
+        rng = self.numpy_rng(generator)
+        samples, pixels, desc = self.materialize(self.draw_pack(rng))
+        n = sum(1 for items in samples for it in items if getattr(it, "noisy", False))
+        times = self.flow_times(n, generator)
+        noise = self.noise(n, generator)
+        batch = build_batch(samples, pixels, self.geometry(), self.markers(), times, noise, descriptions=desc)
+        return {"batch": batch}
+
+    # -- loss and export ---------------------------------------------------------------------------
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        out = model(batch["batch"])
+        terms = {k: float(v) for k, v in out.items() if k != "loss"}
+        return StepOutput(out["loss"], terms, int(batch["batch"].packed.length))
+
+    def export(self, model: nn.Module, out_dir: Path) -> None:
+        module: UnifiedTrainModule = model  # type: ignore[assignment]
+        extra = {"recipe": recipe_to_dict(self.ctx.recipe), "stage": self.name}
+        save_pretrained(module.model, out_dir, tokenizer=self.tokenizer(), vae=module.vae, extra_config=extra)
+
+
+class UnifiedStage(ModelStage):
+    """See the module docstring."""
+
+    name = "unified"
