@@ -170,6 +170,34 @@ def impute_kv_cache() -> dict[str, Any]:
     return bench_impute_cache(recipe="small", text_tokens=16, repeats=1)
 
 
+@bench("train_stages_small")
+def train_stages_small() -> dict[str, Any]:
+    """Tokens/s of `unified` and `dhs` (10 rollout steps) steps of `small` on one 4-modality sample."""
+    from unibrain_cli.training.bench import bench_stages
+
+    return bench_stages(recipe_name="small", repeats=2, rollout_steps=10)
+
+
+@bench("synth_prepare")
+def synth_prepare() -> dict[str, Any]:
+    """Phantom generation (20 cases at 2 mm) and `prepare` throughput (cases/s, 2 workers)."""
+    import tempfile
+
+    from unibrain_cli.data.phantom import synthesize
+    from unibrain_cli.data.prepare import prepare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        synthesize(Path(tmp) / "ph", cases=20, seed=0, resolution=2)
+        synth_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = prepare(Path(tmp) / "ph" / "radgenome", Path(tmp) / "prep", images=[Path(tmp) / "ph" / "images"], workers=2)
+        prep_s = time.perf_counter() - t0
+    return {"synth_20_cases_2mm_s": round(synth_s, 2), "prepare_cases": res.n_prepared,
+            "prepare_s": round(prep_s, 2), "prepare_cases_per_s": round(res.n_prepared / prep_s, 3),
+            "note": "2 mm phantom volumes are resampled to 1 mm by prepare"}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
