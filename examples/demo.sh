@@ -1,11 +1,34 @@
 #!/usr/bin/env bash
-# The end-to-end demo on the phantom: synth -> prepare -> slice (-> train -> impute -> evaluate).
+# The end-to-end demo on the phantom (what `make demo` runs):
+#   synth -> prepare -> slice -> train (small recipe, all stages) -> impute one case -> evaluate.
+# Everything lands in $DEMO_DIR (default demo_out/). Re-running starts from scratch.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 D=${DEMO_DIR:-demo_out}
+CASES=${DEMO_CASES:-50}
+RECIPE=${DEMO_RECIPE:-recipes/small.toml}
 UB="$PY -m unibrain_cli"
+SECONDS=0
+stamp() { printf '\n== [%4ds] %s\n' "$SECONDS" "$*"; }
+
 rm -rf "$D"
-$UB synth "$D/phantom" --cases 30 --seed 0 --resolution 1
+stamp "1/6 synth: $CASES phantom cases in the RadGenome-Brain MRI release layout"
+$UB synth "$D/phantom" --cases "$CASES" --seed 0 --resolution 1
+stamp "2/6 prepare: join reports and volumes, RAS+ 1 mm, [0, 1] intensities"
 $UB prepare "$D/phantom/radgenome" --images "$D/phantom/images" --out "$D/prepared" --workers 2
+stamp "3/6 slice: lesion-centred 64x64 axial slices with 2D size phrases"
 $UB slice "$D/prepared" --out "$D/slices" --size 64 --per-case 3
-echo "demo: phantom, prepared cases and slices are in $D/"
+stamp "4/6 train: $RECIPE (vae -> sa -> unified -> dhs)"
+$UB train --recipe "$RECIPE" --data "$D/slices" --out "$D/run"
+stamp "5/6 impute: T2 and FLAIR of one test case from its T1"
+CASE=$($PY - "$D/prepared" <<'PYEOF'
+import sys, pandas as pd
+m = pd.read_parquet(f"{sys.argv[1]}/manifest.parquet")
+m = m[(m.split == "test") & m.modalities.str.contains("t1") & m.modalities.str.contains("flair")]
+print(m.case_id.iloc[0])
+PYEOF
+)
+$UB impute --have "t1=$D/prepared/cases/$CASE/t1.nii.gz" --want t2,flair --ckpt "$D/run" --out "$D/imputed/$CASE"
+stamp "6/6 evaluate: Tables 1 and 2 on the test split, with the copy-nearest baseline"
+$UB evaluate --ckpt "$D/run" --data "$D/slices" --split test --scenario all --chain --baselines copy --out "$D/eval"
+stamp "demo done: tables in $D/eval/tables.md, figures in $D/eval/*.png, imputed volumes in $D/imputed/$CASE"
