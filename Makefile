@@ -11,6 +11,8 @@ DEMO_DIR ?= demo_out
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: setup test demo lint bench experiments clean
+SLICES ?= $(DEMO_DIR)/slices
+EXP_DIR ?= experiments
 
 setup: $(STAMP)
 
@@ -32,5 +34,16 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m unibrain_cli.bench --out bench.json
 
+# The longer comparisons on the demo's slices (run `make demo` first): the Table 3 ablation
+# variants at the same budget, then evaluation with U-Net and two-stage baselines and a 5-seed ensemble.
+experiments: $(STAMP)
+	@test -d $(SLICES) || { echo "no $(SLICES): run make demo first (or pass SLICES=...)"; exit 2; }
+	$(PY) -m unibrain_cli train --recipe recipes/ablation-A.toml --data $(SLICES) --out $(EXP_DIR)/ablation/A --resume
+	$(PY) -m unibrain_cli train --recipe recipes/ablation-B.toml --data $(SLICES) --out $(EXP_DIR)/ablation/B --resume
+	$(PY) -m unibrain_cli train --recipe recipes/ablation-C.toml --data $(SLICES) --out $(EXP_DIR)/ablation/C --resume
+	$(PY) -m unibrain_cli train --recipe recipes/small.toml --data $(SLICES) --out $(EXP_DIR)/ablation/full --resume
+	$(PY) -m unibrain_cli evaluate --ckpt $(EXP_DIR)/ablation --ablation --data $(SLICES) --split test \
+	  --scenario all --chain --ensemble 5 --baselines copy,unet,two-stage --out $(EXP_DIR)/eval --force
+
 clean:
-	rm -rf $(DEMO_DIR) bench.json .pytest_cache
+	rm -rf $(DEMO_DIR) $(EXP_DIR) bench.json .pytest_cache

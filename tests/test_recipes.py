@@ -115,3 +115,18 @@ def test_defaults_are_frozen():
     with pytest.raises(AttributeError):
         r.name = "x"  # type: ignore[misc]
     assert replace(r.train.stages[0], steps=3) == StageConfig(steps=3)
+
+
+def test_ablation_recipes_match_small_except_the_stages():
+    """Table 3 compares variants at the same model, data and model-stage budget as `small`."""
+    small = load_recipe("small")
+    budget = sum(s.steps for s in small.train.stages if s.name != "vae")
+    expected = {"A": ["vae", "unified"], "B": ["vae", "unified"], "C": ["vae", "sa", "unified"]}
+    for variant, names in expected.items():
+        r = load_recipe(f"recipes/ablation-{variant}.toml")
+        assert [s.name for s in r.train.stages] == names
+        assert r.model == small.model and r.flow == small.flow
+        assert replace(r.data, understanding_only_prob=small.data.understanding_only_prob) == small.data
+        assert r.data.understanding_only_prob == (1.0 if variant == "A" else small.data.understanding_only_prob)
+        assert sum(s.steps for s in r.train.stages if s.name != "vae") == budget
+        assert r.train.stages[0] == small.train.stages[0]

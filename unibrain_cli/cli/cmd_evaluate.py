@@ -6,26 +6,51 @@ from pathlib import Path
 
 import typer
 
-from unibrain_cli.cli.common import command
-from unibrain_cli.errors import NotLandedError
+from unibrain_cli.cli.cmd_infer import DEVICE, SEED
+from unibrain_cli.cli.common import STATE, command, out
 
 
 def evaluate(
-    ckpt: Path | None = typer.Option(None, "--ckpt", help="Training run folder or save_pretrained folder."),
-    data: Path | None = typer.Option(None, "--data", help="PREPARED or SLICES folder."),
+    ckpt: Path | None = typer.Option(None, "--ckpt", help="Training run folder or save_pretrained folder "
+                                     "(with --ablation: a folder holding A/, B/, C/ and full/ runs)."),
+    data: Path | None = typer.Option(None, "--data", help="SLICES folder from `unibrain slice`."),
     split: str = typer.Option("test", "--split", help="train, val or test."),
-    scenario: str = typer.Option("all", "--scenario", help="t1, t1_t2, t1_t2_flair, complete or all."),
+    scenario: str = typer.Option("all", "--scenario", help="t1, t1_t2, t1_t2_flair, complete or all (comma list)."),
     chain: bool = typer.Option(False, "--chain", help="Also run the imputation chains (Table 2)."),
     ensemble: int = typer.Option(1, "--ensemble", min=1, help="Seed ensemble size for imputation."),
     ablation: bool = typer.Option(False, "--ablation", help="Run the Table 3 ablation variants."),
     ratescore_models: Path | None = typer.Option(None, "--ratescore-models", help="Local RaTEScore models."),
-    out_dir: Path | None = typer.Option(None, "--out", "-o", help="Evaluation output folder."),
+    baselines: str = typer.Option("copy", "--baselines", help="Table-2 baselines: copy,unet,two-stage or none."),
+    unet_steps: int = typer.Option(200, "--unet-steps", min=1, help="Training steps of each chain U-Net."),
+    max_cases: int = typer.Option(0, "--max-cases", min=0, help="Evaluate a seeded subset of N cases (0 = all)."),
+    thinking_tokens: int = typer.Option(48, "--thinking-tokens", min=0, help="Bound on each thinking text."),
+    answer_tokens: int = typer.Option(96, "--answer-tokens", min=0, help="Bound on the generated answer."),
+    seed: int = SEED,
+    device: str = DEVICE,
+    out_dir: Path | None = typer.Option(None, "--out", "-o", help="Evaluation output folder (empty unless --force)."),
+    force: bool = typer.Option(False, "--force", help="Allow a non-empty --out (it is replaced)."),
 ) -> None:
     """Evaluate diagnosis, report generation and imputation like the paper's tables.
 
     Example: unibrain evaluate --ckpt run/ --data slices/ --split test --scenario all --chain --out eval/
     """
-    raise NotLandedError("evaluation has not landed yet in this version (issue: unibrain evaluate)", "evaluate")
+    from rich.console import Console
+
+    from unibrain_cli.evaluation.runner import evaluate as run_evaluate
+    from unibrain_cli.evaluation.runner import to_rich
+
+    result = run_evaluate(ckpt, data, out_dir, split=split, scenarios=scenario, chain=chain, ensemble=ensemble,
+                          ablation=ablation, ratescore_models=ratescore_models, baselines=baselines,
+                          unet_steps=unet_steps, max_cases=max_cases, seed=seed, device=device,
+                          progress=not STATE.quiet, force=force, thinking_tokens=thinking_tokens,
+                          answer_tokens=answer_tokens)
+    console = Console()
+    for table in result.tables.values():
+        console.print(to_rich(table))
+    per_case = result.summary["seconds"]["per_case_mean"]
+    out(f"[green]evaluated[/] {result.summary['cases']} case(s), {per_case or 0:.1f} s per case -> {result.out}")
+    for name, path in result.figures.items():
+        out(f"  {name}: {path}")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,791 @@
+"""``evaluate(ckpt, data, out, ...)``: the library entry behind ``unibrain evaluate`` (paper Tables 1-3).
+
+Cases
+    The split's evaluation slices of a SLICES folder (``is_eval``: the middle lesion slice of each
+    case; one per case). ``max_cases > 0`` keeps a seeded random subset (index order kept).
+
+Table 1 (diagnosis and report generation with missing modalities), per scenario
+(:mod:`~unibrain_cli.evaluation.scenarios`) on the cases that have the scenario's inputs:
+
+- ``UniBrain``: the inputs enter as clean VAE + ViT views, the case's other modalities are imputed
+  in canonical order (T2, FLAIR, T1ce, DWI, ADC among those the case has) with thinking
+  (:func:`~unibrain_cli.inference.engine.impute_chain`), then the answer is generated
+  (:func:`~unibrain_cli.inference.engine.generate_answer`).
+- ``UniBrain Und.``: the same model, understanding only: the inputs as ViT views, no imputation.
+
+  Top-1 is the class named in the generated "Final Diagnosis" (:func:`extract_diagnosis`); Top-1
+  closed-set is the argmax of the five class answers' log-likelihoods
+  (:func:`~unibrain_cli.inference.engine.diagnosis_scores`) on the same context; ROUGE-1 compares the
+  generated impression with the reference impression; RaTE only with local RaTEScore models. Cases
+  without a disease label do not count for Top-1.
+
+Table 2 (imputation, ``chain=True``): chains T1 -> T2; T1,T2 -> FLAIR; T1,T2,FLAIR -> T1ce from real
+inputs, on the cases that have all chain modalities. PSNR/SSIM on [0, 1] slices, full field and in
+the brain mask. Diagnostic usability = closed-set Top-1 when the imputed slice replaces the real one
+in the complete-data context (all the case's modalities, clean VAE + ViT). ``ensemble > 1`` adds
+``UniBrain* (N seeds)``: the mean of N seeds' slices. Baselines: ``copy`` (copy-nearest fitted on the
+train split), ``unet`` (one U-Net per chain, ``unet_steps``) and ``two-stage`` (the U-Net slice fed to
+the understanding-only path: its usability). The first imputed target of a Table-1 chain is the same
+computation as the matching Table-2 chain (same context and seed), so it is computed once.
+
+Table 3 (``ablation=True``): ``ckpt`` is a folder holding one training run (or model folder) per
+variant::
+
+    CKPT/A/      understanding only   (recipes/ablation-A.toml: vae + unified, understanding_only_prob 1)
+    CKPT/B/      + unified data flow  (recipes/ablation-B.toml: vae + unified)
+    CKPT/C/      + self-alignment     (recipes/ablation-C.toml: vae + sa + unified)
+    CKPT/full/   + DHS = UniBrain     (recipes/small.toml: vae + sa + unified + dhs)
+
+Each is evaluated on the T1-only scenario (A with the understanding-only protocol, the others with
+the unified one) and on the T1,T2,FLAIR -> T1ce chain (not A); Tables 1 and 2 use ``full/``.
+
+Outputs (EVAL, written to a temporary folder renamed into place at the end)::
+
+    table1_cases.csv, table2_cases.csv   one row per method x scenario/chain x case
+    table1.{csv,md}, table2.{csv,md}, table3.{csv,md} (ablation), tables.md
+    qualitative.png, bars_top1.png, bars_psnr.png (with --chain)
+    eval.json                             settings, cohort sizes, timings, table summaries
+    recipe.resolved.toml                  the checkpoint's recipe
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from unibrain_cli.data import templates
+from unibrain_cli.errors import UserError
+from unibrain_cli.evaluation import figures, tables
+from unibrain_cli.evaluation.baselines import (
+    CopyNearestBaseline,
+    UNetBaseline,
+    chain_key,
+    fit_copy_nearest,
+    parse_chain,
+    train_unet,
+)
+from unibrain_cli.evaluation.diagnosis import extract_diagnosis
+from unibrain_cli.evaluation.metrics import (
+    imputation_metrics,
+    psnr,
+    ratescore,
+    ratescore_unavailable_reason,
+    rouge1_f,
+    ssim,
+    top1_hits,
+)
+from unibrain_cli.evaluation.scenarios import (
+    CHAIN_KEYS,
+    canonical,
+    chain_applies,
+    parse_scenarios,
+    scenario_inputs,
+    scenario_targets,
+)
+from unibrain_cli.evaluation.slices_data import SliceDataset, load_index, read_slices_meta
+from unibrain_cli.evaluation.tables import NOT_RUN, Metric, Table, format_cell, summarize
+from unibrain_cli.inference.checkpoint import InferenceBundle, load_for_inference, resolve_checkpoint
+from unibrain_cli.inference.diagnose import engine_for
+from unibrain_cli.inference.engine import (
+    INPUT_VIEWS,
+    UNDERSTANDING_VIEWS,
+    Context,
+    GuidedContexts,
+    diagnosis_scores,
+    generate_answer,
+    impute_chain,
+)
+from unibrain_cli.io.atomic import atomic_dir, write_text
+from unibrain_cli.modalities import DISEASES, MODALITIES
+
+EVAL_FORMAT = "unibrain-eval/1"
+
+METHOD_UNIFIED = "UniBrain"
+METHOD_UND = "UniBrain Und."
+METHOD_COPY = "copy-nearest"
+METHOD_UNET = "U-Net"
+METHOD_TWO_STAGE = "two-stage (U-Net -> Und.)"
+
+#: ``--baselines`` names -> what they add to Table 2.
+BASELINES: tuple[str, ...] = ("copy", "unet", "two-stage")
+#: Ablation variant folder -> (Table-3 row name, (unified, SA, DHS)).
+ABLATION_VARIANTS: dict[str, tuple[str, tuple[bool, bool, bool]]] = {
+    "A": ("A", (False, False, False)),
+    "B": ("B", (True, False, False)),
+    "C": ("C", (True, True, False)),
+    "full": ("UniBrain", (True, True, True)),
+}
+DEFAULT_THINKING_TOKENS = 48
+DEFAULT_ANSWER_TOKENS = 96
+DEFAULT_UNET_STEPS = 200
+QUALITATIVE_CASES = 3
+
+TOP1_CLOSED = Metric("top1_closed", "Top-1 closed-set (%)", 100.0)
+TABLE1_COLUMNS: tuple[str, ...] = (
+    "method", "scenario", "case_id", "slice_id", "diseases", "inputs", "imputed", "pred_text", "pred_closed",
+    "top1", "top1_closed", "rouge1", "rate", "reference", "impression", "answer", "seconds",
+)
+TABLE2_COLUMNS: tuple[str, ...] = (
+    "method", "chain", "case_id", "slice_id", "psnr", "ssim", "psnr_brain", "ssim_brain", "usability", "seeds",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalCase:
+    """One case's evaluation slice.
+
+    ``images`` float32 [6, S, S] in [0, 1] (MODALITIES order, zeros where absent); ``brain`` bool
+    [S, S]; ``present`` the case's modalities in canonical order; ``diseases`` its classes.
+    """
+
+    slice_id: str
+    case_id: str
+    diseases: tuple[str, ...]
+    present: tuple[str, ...]
+    images: np.ndarray
+    brain: np.ndarray
+    impression: str
+
+    def image(self, modality: str) -> np.ndarray:
+        """Slice [S, S] of ``modality``."""
+        return self.images[MODALITIES.index(modality)]
+
+
+def parse_baselines(value: str | Sequence[str] | None, where: str = "--baselines") -> tuple[str, ...]:
+    """``"copy,unet,two-stage"`` (or a sequence; ``""``/``"none"`` = none) -> baseline names in canonical order."""
+    if value is None:
+        return ()
+    items = [v.strip().lower() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    items = [v for v in items if v != "none"]
+    bad = [v for v in items if v not in BASELINES]
+    if bad:
+        raise UserError(f"unknown baseline '{bad[0]}'; choose from {', '.join(BASELINES)} (comma-separated) "
+                        "or none", where)
+    return tuple(b for b in BASELINES if b in items)
+
+
+def check_out_dir(out: str | Path | None, force: bool) -> Path:
+    """``out`` must be absent or an empty folder (any folder with ``force``)."""
+    if out is None:
+        raise UserError("an output folder is required", "--out")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError("exists and is not a folder; choose another --out", str(path))
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise UserError("the evaluation folder is not empty; choose another --out or pass --force", str(path))
+    return path
+
+
+def load_cases(data: str | Path, split: str, max_cases: int = 0, seed: int = 0) -> tuple[list[EvalCase], int]:
+    """The evaluation slices of ``split`` (one per case) and the slice size S.
+
+    ``max_cases > 0`` keeps a seeded random subset of that many cases, in index order. An empty
+    split is a :class:`UserError` naming the splits that exist.
+    """
+    meta = read_slices_meta(data)
+    ds = SliceDataset(data, split=split, is_eval=True)
+    if len(ds) == 0:
+        index = load_index(data)
+        found = sorted(index.loc[index["is_eval"].astype(bool), "split"].astype(str).unique())
+        have = ", ".join(found) if found else "none"
+        raise UserError(f"split '{split}' has no evaluation slices in {data} (splits with some: {have})", "--split")
+    first = ~ds.index["case_id"].astype(str).duplicated()
+    rows = np.flatnonzero(first.to_numpy())
+    if 0 < max_cases < rows.size:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_cases, replace=False))
+    cases = []
+    for i in rows.tolist():
+        item = ds[i]
+        cases.append(EvalCase(
+            slice_id=item["slice_id"], case_id=item["case_id"],
+            diseases=tuple(d for d in item["diseases"] if d in DISEASES),
+            present=canonical([m for m, p in zip(MODALITIES, item["present"]) if p]),
+            images=item["images"], brain=item["brain"].astype(bool), impression=item.get("impression", ""),
+        ))
+    return cases, int(meta["size"])
+
+
+def check_sizes(bundle: InferenceBundle, size: int, ckpt: Path, data: str | Path) -> None:
+    """The checkpoint's slice size must be the slices folder's."""
+    if bundle.image_size != size:
+        raise UserError(
+            f"the checkpoint {ckpt} works on {bundle.image_size}x{bundle.image_size} slices but {data} holds "
+            f"{size}x{size} slices; re-slice with `unibrain slice --size {bundle.image_size}` or use a matching "
+            "checkpoint", "--data")
+
+
+def ablation_folders(root: str | Path | None) -> dict[str, Path]:
+    """Variant -> model folder of an ablation ``--ckpt`` (see the module docstring)."""
+    if root is None:
+        raise UserError("--ablation needs --ckpt pointing at a folder with A/, B/, C/ and full/ runs", "--ckpt")
+    base = Path(root)
+    if not base.is_dir():
+        raise UserError("ablation folder not found; check the path", str(base))
+    missing = [v for v in ABLATION_VARIANTS if not (base / v).is_dir()]
+    if missing:
+        raise UserError(f"the ablation folder lacks {', '.join(m + '/' for m in missing)}; train the variants "
+                        "with `make experiments` (A/, B/, C/, full/ run folders)", str(base))
+    return {v: resolve_checkpoint(base / v) for v in ABLATION_VARIANTS}
+
+
+# ---------------------------------------------------------------------------------------------
+# the model side
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Bounds of generation: thinking/answer tokens per segment, Euler steps (None: recipe's), seed."""
+
+    thinking_tokens: int = DEFAULT_THINKING_TOKENS
+    answer_tokens: int = DEFAULT_ANSWER_TOKENS
+    steps: int | None = None
+    seed: int = 0
+
+
+def _hit(pred: str | None, case: EvalCase) -> float:
+    """1/0 Top-1 hit, NaN for a case without a disease label."""
+    if not case.diseases:
+        return math.nan
+    return float(top1_hits([pred], [case.diseases])[0])
+
+
+def image_scores(pred: np.ndarray, ref: np.ndarray, brain: np.ndarray) -> dict[str, float]:
+    """PSNR/SSIM full field and in the brain (NaN in the brain when the mask is empty)."""
+    if brain.any():
+        return imputation_metrics(pred, ref, brain)
+    return {"psnr": psnr(pred, ref), "ssim": ssim(pred, ref), "psnr_brain": math.nan, "ssim_brain": math.nan}
+
+
+class ModelEvaluator:
+    """Evaluates one checkpoint case by case, with per-case caches.
+
+    Per case (until :meth:`reset`): the encoded views of its slices (one batched encode), the
+    start contexts per input set (forked, never modified), and the imputed slices per
+    (inputs, target, seed), so a slice is never generated twice.
+    """
+
+    def __init__(self, bundle: InferenceBundle, settings: Settings) -> None:
+        self.engine = engine_for(bundle)
+        self.known = tuple(bundle.recipe.data.modalities)
+        self.settings = settings
+        self._case: str | None = None
+        self._encoded: dict[str, Any] = {}
+        self._starts: dict[tuple[str, ...], GuidedContexts] = {}
+        self.memo: dict[tuple[tuple[str, ...], str, int], np.ndarray] = {}
+
+    # -- caches --------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Drop the per-case caches."""
+        self._case, self._encoded, self._starts, self.memo = None, {}, {}, {}
+
+    def _bind(self, case: EvalCase) -> None:
+        if self._case != case.slice_id:
+            self.reset()
+            self._case = case.slice_id
+
+    def encoded(self, case: EvalCase) -> dict[str, Any]:
+        """Modality -> EncodedImage for the case's known modalities (one batched encode)."""
+        self._bind(case)
+        if not self._encoded:
+            mods = [m for m in case.present if m in self.known]
+            if mods:
+                stack = torch.from_numpy(np.stack([case.image(m) for m in mods]))
+                self._encoded = dict(zip(mods, self.engine.encode(stack), strict=True))
+        return self._encoded
+
+    def start(self, case: EvalCase, inputs: tuple[str, ...]) -> GuidedContexts:
+        """Contexts holding ``inputs`` (clean VAE + ViT); cached per case."""
+        enc = self.encoded(case)
+        if inputs not in self._starts:
+            self._starts[inputs] = self.engine.start([enc[m] for m in inputs], INPUT_VIEWS)
+        return self._starts[inputs]
+
+    def context(self, case: EvalCase, mods: Sequence[str], views: Sequence[str],
+                replace: dict[str, np.ndarray] | None = None) -> Context:
+        """A fresh context with ``mods`` (canonical order) as ``views``; ``replace`` swaps in other slices."""
+        enc = dict(self.encoded(case))
+        for m, img in (replace or {}).items():
+            enc[m] = self.engine.encode(torch.from_numpy(np.asarray(img, np.float32))[None])[0]
+        ctx = self.engine.new_context()
+        self.engine.add_images(ctx, [enc[m] for m in canonical(mods)], views)  # type: ignore[arg-type]
+        return ctx
+
+    # -- protocol pieces -------------------------------------------------------------------------
+
+    def closed_set(self, ctx: Context) -> str:
+        """Argmax class of :func:`diagnosis_scores` (``ctx`` unchanged)."""
+        scores = diagnosis_scores(self.engine, ctx, DISEASES)
+        return max(scores, key=lambda c: scores[c])
+
+    def _tensors(self, case: EvalCase, mods: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {m: torch.from_numpy(case.image(m)) for m in mods}
+
+    def _understand(self, case: EvalCase, ctx: Context) -> dict[str, Any]:
+        """Closed-set prediction, then the generated answer (``ctx`` is consumed)."""
+        closed = self.closed_set(ctx)
+        row: dict[str, Any] = {"pred_closed": closed, "top1_closed": _hit(closed, case)}
+        if self.settings.answer_tokens > 0:
+            ans = generate_answer(self.engine, ctx, templates.both_question(), self.settings.answer_tokens)
+            pred = extract_diagnosis(ans.diagnosis) or extract_diagnosis(ans.text)
+            row.update(pred_text=pred or "", top1=_hit(pred, case), impression=ans.impression, answer=ans.text,
+                       rouge1=rouge1_f(case.impression, ans.impression) if case.impression else math.nan)
+        else:
+            row.update(pred_text="", top1=math.nan, impression="", answer="", rouge1=math.nan)
+        return row
+
+    def unified_row(self, case: EvalCase, scenario: str) -> dict[str, Any] | None:
+        """Table 1, UniBrain: inputs, imputed chain with thinking, answer. None outside the cohort."""
+        inputs = scenario_inputs(scenario, case.present, self.known)
+        if inputs is None:
+            return None
+        targets = scenario_targets(inputs, case.present, self.known)
+        s = self.settings
+        t0 = time.perf_counter()
+        res = impute_chain(self.engine, self._tensors(case, inputs), list(targets), s.seed,
+                           thinking_tokens=s.thinking_tokens, answer_tokens=0,
+                           brain=torch.from_numpy(case.brain.astype(np.float32)),
+                           start=self.start(case, inputs), steps=s.steps)
+        if targets:
+            self.memo.setdefault((inputs, targets[0], s.seed), res.images[targets[0]].numpy())
+        row = self._understand(case, res.contexts.cond)
+        row.update(method=METHOD_UNIFIED, inputs="|".join(inputs), imputed="|".join(targets),
+                   seconds=time.perf_counter() - t0)
+        return row
+
+    def understanding_row(self, case: EvalCase, scenario: str) -> dict[str, Any] | None:
+        """Table 1, Und.: the inputs as ViT views only, no imputation. None outside the cohort."""
+        inputs = scenario_inputs(scenario, case.present, self.known)
+        if inputs is None:
+            return None
+        t0 = time.perf_counter()
+        row = self._understand(case, self.context(case, inputs, UNDERSTANDING_VIEWS))
+        row.update(method=METHOD_UND, inputs="|".join(inputs), imputed="", seconds=time.perf_counter() - t0)
+        return row
+
+    def chain_images(self, case: EvalCase, inputs: tuple[str, ...], target: str, seeds: Sequence[int]) -> list[np.ndarray]:
+        """Imputed ``target`` [S, S] from real ``inputs``, one per seed (memoised per case)."""
+        s = self.settings
+        out = []
+        for seed in seeds:
+            key = (inputs, target, int(seed))
+            if key not in self.memo:
+                res = impute_chain(self.engine, self._tensors(case, inputs), [target], int(seed),
+                                   thinking_tokens=s.thinking_tokens, answer_tokens=0,
+                                   brain=torch.from_numpy(case.brain.astype(np.float32)),
+                                   start=self.start(case, inputs), steps=s.steps)
+                self.memo[key] = res.images[target].numpy()
+            out.append(self.memo[key])
+        return out
+
+    def usability(self, case: EvalCase, target: str, image: np.ndarray, views: Sequence[str] = INPUT_VIEWS) -> float:
+        """Closed-set Top-1 hit of the complete-data context with ``image`` in place of the real ``target``."""
+        mods = [m for m in case.present if m in self.known]
+        return _hit(self.closed_set(self.context(case, mods, views, {target: image})), case)
+
+
+# ---------------------------------------------------------------------------------------------
+# one evaluation pass
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Baselines:
+    """Fitted baselines: copy-nearest and per-chain U-Nets (None/empty when not asked)."""
+
+    copy: CopyNearestBaseline | None = None
+    unets: dict[str, UNetBaseline] = field(default_factory=dict)
+    names: tuple[str, ...] = ()
+
+
+@dataclass
+class PassResult:
+    """Per-case rows of one model pass, its timing and qualitative picks."""
+
+    table1: list[dict[str, Any]] = field(default_factory=list)
+    table2: list[dict[str, Any]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    qualitative: list[figures.QualitativeRow] = field(default_factory=list)
+
+
+def _base(case: EvalCase) -> dict[str, Any]:
+    return {"case_id": case.case_id, "slice_id": case.slice_id, "diseases": "|".join(case.diseases),
+            "reference": case.impression}
+
+
+def ensemble_name(n: int) -> str:
+    """Table-2 row of the seed ensemble."""
+    return f"{METHOD_UNIFIED}* ({n} seeds)"
+
+
+def evaluate_pass(
+    ev: ModelEvaluator,
+    cases: Sequence[EvalCase],
+    scenarios: Sequence[str],
+    chains: Sequence[str] = (),
+    unified: bool = True,
+    understanding: bool = True,
+    ensemble: int = 1,
+    baselines: Baselines | None = None,
+    qualitative: int = 0,
+    progress: Any = None,
+) -> PassResult:
+    """Run one model over ``cases``: Table-1 rows for ``scenarios`` (UniBrain and/or Und.), Table-2 rows
+    for ``chains`` (UniBrain, the ensemble and the baselines). ``progress`` is a (Progress, task) pair."""
+    res = PassResult()
+    seeds = [ev.settings.seed + j for j in range(ensemble)]
+    parsed = [(key, *parse_chain(key)) for key in chains]
+    for case in cases:
+        t0 = time.perf_counter()
+        ev.reset()
+        for sc in scenarios:
+            for want, fn in ((understanding, ev.understanding_row), (unified, ev.unified_row)):
+                row = fn(case, sc) if want else None
+                if row is not None:
+                    res.table1.append({**_base(case), "scenario": sc, **row})
+        picked: list[tuple[str, tuple[str, ...], str, np.ndarray]] = []
+        for key, inputs, target in parsed:
+            if not chain_applies(inputs, target, case.present, ev.known):
+                continue
+            truth = case.image(target)
+            rows: list[tuple[str, np.ndarray, float]] = []
+            if unified:
+                images = ev.chain_images(case, inputs, target, seeds)
+                rows.append((METHOD_UNIFIED, images[0], ev.usability(case, target, images[0])))
+                picked.append((key, inputs, target, images[0]))
+                if ensemble > 1:
+                    mean = np.mean(np.stack(images), axis=0)
+                    rows.append((ensemble_name(ensemble), mean, ev.usability(case, target, mean)))
+            if baselines is not None:
+                args = (case.images, None, case.brain, inputs, target)
+                if baselines.copy is not None:
+                    rows.append((METHOD_COPY, baselines.copy.impute(*args), math.nan))
+                if key in baselines.unets:
+                    img = baselines.unets[key].impute(*args)
+                    if "unet" in baselines.names:
+                        rows.append((METHOD_UNET, img, math.nan))
+                    if "two-stage" in baselines.names:
+                        rows.append((METHOD_TWO_STAGE, img, ev.usability(case, target, img, UNDERSTANDING_VIEWS)))
+            for method, img, usable in rows:
+                res.table2.append({"method": method, "chain": key, "case_id": case.case_id, "slice_id": case.slice_id,
+                                   **image_scores(img, truth, case.brain), "usability": usable,
+                                   "seeds": ensemble if method == ensemble_name(ensemble) else 1})
+        if _case_count(res.qualitative) < qualitative:
+            if not picked:  # no Table-2 chain: the first targets of the Table-1 chains are chain images too
+                picked = [(chain_key(i, t), i, t, img) for (i, t, s), img in ev.memo.items()
+                          if s == ev.settings.seed and chain_key(i, t) in CHAIN_KEYS]
+            for key, inputs, target, img in picked:
+                res.qualitative.append(figures.QualitativeRow(
+                    label=f"{case.case_id}\n{tables.chain_label(key)}", inputs={m: case.image(m) for m in inputs},
+                    imputed=img, truth=case.image(target), target=target,
+                    brain=case.brain if case.brain.any() else None))
+        res.seconds.append(time.perf_counter() - t0)
+        ev.reset()
+        if progress is not None:
+            progress[0].advance(progress[1])
+    return res
+
+
+def _case_count(rows: Sequence[figures.QualitativeRow]) -> int:
+    return len({r.label.split("\n", 1)[0] for r in rows})
+
+
+def fit_baselines(data: str | Path, names: Sequence[str], chains: Sequence[str], steps: int, seed: int,
+                  device: str, progress: bool) -> Baselines:
+    """Fit the asked baselines on the train split (U-Nets only for ``chains``)."""
+    out = Baselines(names=tuple(names))
+    unet = "unet" in names or "two-stage" in names
+    if unet and steps < 1:
+        raise UserError(f"must be >= 1, got {steps}", "--unet-steps")
+    try:
+        if "copy" in names:
+            out.copy = fit_copy_nearest(data, "train")
+        if unet:
+            for key in chains:
+                inputs, target = parse_chain(key)
+                out.unets[key] = train_unet(data, inputs, target, steps, seed, device, progress=progress)
+    except UserError as exc:
+        raise UserError(f"{exc.message} (baselines; pass --baselines none to skip them)", exc.where) from exc
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------------------------
+
+
+def _frame(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
+    frame = pd.DataFrame.from_records(list(rows), columns=list(columns))
+    for c in ("top1", "top1_closed", "rouge1", "rate", "psnr", "ssim", "psnr_brain", "ssim_brain", "usability",
+              "seconds"):
+        if c in frame.columns:
+            frame[c] = pd.to_numeric(frame[c], errors="coerce").astype(np.float64)
+    return frame
+
+
+def _add_column(table: Table, frame: pd.DataFrame, keys: Sequence[str], groups: Sequence[tuple[str, ...]],
+                metric: Metric, after: str, n_boot: int, seed: int) -> Table:
+    """Add ``metric`` (mean/CI/n) to a table's summary and a display column after ``after``."""
+    extra = summarize(frame, keys, [metric], groups, n_boot, seed)
+    for suffix in ("mean", "lo", "hi", "n"):
+        table.summary[f"{metric.column}_{suffix}"] = extra[f"{metric.column}_{suffix}"].to_numpy()
+    cells = [format_cell(r, metric) for r in extra.to_dict("records")]
+    table.display.insert(list(table.display.columns).index(after) + 1, metric.label, cells)
+    return table
+
+
+def build_table1(frame: pd.DataFrame, scenarios: Sequence[str], n_boot: int, seed: int, rate_note: str) -> Table:
+    """Table 1 with the closed-set Top-1 column next to the generated-text Top-1."""
+    methods = [METHOD_UND, METHOD_UNIFIED]
+    notes = [
+        "Top-1: the class named in the generated 'Final Diagnosis' (synonym table of evaluation/diagnosis.py); "
+        "Top-1 closed-set: argmax of the five class answers' log-likelihoods on the same context.",
+        f"{METHOD_UND}: the same model, inputs as ViT tokens only, no imputation. {METHOD_UNIFIED}: inputs as "
+        "VAE + ViT, the case's missing modalities imputed in canonical order with thinking, then the answer.",
+        f"RaTE: {rate_note}.",
+    ]
+    t = tables.table1(frame, methods=methods, scenarios=scenarios, n_boot=n_boot, seed=seed, notes=notes)
+    groups = [(m, s) for m in methods for s in scenarios]
+    return _add_column(t, frame, ("method", "scenario"), groups, TOP1_CLOSED, tables.TABLE1_METRICS[0].label,
+                       n_boot, seed)
+
+
+def build_table2(frame: pd.DataFrame, methods: Sequence[str], chains: Sequence[str], n_boot: int, seed: int) -> Table:
+    """Table 2; usability shows "-" for the image-only baselines (not measured)."""
+    notes = [
+        "Usability (Top-1): closed-set Top-1 of UniBrain when the imputed slice replaces the real one in the "
+        "complete-data context (VAE + ViT); two-stage: the U-Net slice in the understanding-only (ViT) context.",
+        "Chains start from real inputs. copy-nearest: most similar input, histogram-matched to the training "
+        "mean; U-Net: one supervised U-Net per chain trained on the train split. '-' = not measured.",
+    ]
+    t = tables.table2(frame, methods=methods, chains=chains, n_boot=n_boot, seed=seed, notes=notes)
+    label = tables.TABLE2_METRICS[4].label
+    measured = {METHOD_UNIFIED, METHOD_TWO_STAGE} | {m for m in methods if m.startswith(METHOD_UNIFIED + "*")}
+    t.display[label] = [v if m in measured or v == tables.EMPTY else NOT_RUN
+                        for m, v in zip(t.summary["method"], t.display[label])]
+    return t
+
+
+def to_rich(table: Table):  # -> rich.table.Table
+    """A rich table of a :class:`Table`'s display frame (notes as caption)."""
+    from rich.table import Table as RichTable
+
+    rt = RichTable(title=table.title, caption="\n".join(table.notes[:1]), show_lines=False)
+    for c in table.display.columns:
+        rt.add_column(str(c), overflow="fold")
+    for row in table.display.itertuples(index=False):
+        rt.add_row(*[str(v) for v in row])
+    return rt
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` wrote: the folder, the tables, the figure paths and the eval.json summary."""
+
+    out: Path
+    tables: dict[str, Table]
+    figures: dict[str, Path]
+    summary: dict[str, Any]
+    files: list[Path]
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        yield bar
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _load(folder: Path, device: str, size: int, data: str | Path) -> InferenceBundle:
+    bundle = load_for_inference(folder, device)
+    check_sizes(bundle, size, folder, data)
+    return bundle
+
+
+def evaluate(
+    ckpt: str | Path | None,
+    data: str | Path | None,
+    out: str | Path | None,
+    split: str = "test",
+    scenarios: str | Sequence[str] = ("t1", "t1_t2", "t1_t2_flair", "complete"),
+    chain: bool = True,
+    ensemble: int = 1,
+    ablation: bool = False,
+    ratescore_models: str | Path | None = None,
+    baselines: str | Sequence[str] = ("copy",),
+    unet_steps: int = DEFAULT_UNET_STEPS,
+    max_cases: int = 0,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+    force: bool = False,
+    thinking_tokens: int = DEFAULT_THINKING_TOKENS,
+    answer_tokens: int = DEFAULT_ANSWER_TOKENS,
+) -> EvalResult:
+    """Evaluate a checkpoint on a SLICES folder like the paper's Tables 1-3 (module docstring)."""
+    t_start = time.perf_counter()
+    scen = parse_scenarios(scenarios)
+    names = parse_baselines(baselines)
+    if ensemble < 1:
+        raise UserError(f"must be >= 1, got {ensemble}", "--ensemble")
+    if max_cases < 0:
+        raise UserError(f"must be >= 0 (0 = all cases), got {max_cases}", "--max-cases")
+    if thinking_tokens < 0 or answer_tokens < 0:
+        raise UserError("token bounds must be >= 0", "--thinking-tokens/--answer-tokens")
+    out_dir = check_out_dir(out, force)
+    rate_reason = ratescore_unavailable_reason(ratescore_models)
+    if data is None:
+        raise UserError("a SLICES folder is required (from `unibrain slice`)", "--data")
+    variants = ablation_folders(ckpt) if ablation else {"full": resolve_checkpoint(ckpt)}
+    cases, size = load_cases(data, split, max_cases, seed)
+    chains = CHAIN_KEYS if chain else ()
+    base = fit_baselines(data, names, chains, unet_steps, seed, device, progress) if chains and names else Baselines()
+    t_fit = time.perf_counter() - t_start
+
+    bundle = _load(variants["full"], device, size, data)
+    recipe = bundle.recipe
+    settings = Settings(thinking_tokens, answer_tokens, None, seed)
+    with _progress(progress) as bar:
+        task = bar.add_task("evaluate", total=len(cases)) if bar is not None else None
+        main = evaluate_pass(ModelEvaluator(bundle, settings), cases, scen, chains, ensemble=ensemble,
+                             baselines=base, qualitative=QUALITATIVE_CASES,
+                             progress=(bar, task) if bar is not None else None)
+    del bundle
+    abl1: list[dict[str, Any]] = []
+    abl2: list[dict[str, Any]] = []
+    abl_seconds: dict[str, float] = {}
+    if ablation:
+        chain3 = tables.ABLATION_CHAIN
+        for variant, (row_name, (unified, _sa, _dhs)) in ABLATION_VARIANTS.items():
+            if variant == "full" and "t1" in scen and chain3 in chains:
+                part = PassResult([r for r in main.table1 if r["method"] == METHOD_UNIFIED and r["scenario"] == "t1"],
+                                  [r for r in main.table2 if r["method"] == METHOD_UNIFIED and r["chain"] == chain3],
+                                  main.seconds)
+            else:
+                ev = ModelEvaluator(_load(variants[variant], device, size, data), settings)
+                with _progress(progress) as bar:
+                    task = bar.add_task(f"ablation {variant}", total=len(cases)) if bar is not None else None
+                    part = evaluate_pass(ev, cases, ("t1",), (chain3,) if unified else (), unified=unified,
+                                         understanding=not unified,
+                                         progress=(bar, task) if bar is not None else None)
+                del ev
+            abl1 += [{**r, "method": row_name} for r in part.table1
+                     if r["method"] == (METHOD_UNIFIED if unified else METHOD_UND)]
+            abl2 += [{**r, "method": row_name} for r in part.table2 if r["method"] == METHOD_UNIFIED]
+            abl_seconds[row_name] = float(np.mean(part.seconds)) if part.seconds else math.nan
+
+    # RaTEScore over every generated impression at once (None: unavailable)
+    rate_note = f"unavailable ({rate_reason})" if rate_reason else "RaTEScore with the given local models"
+    for rows in (main.table1, abl1):
+        scored = [r for r in rows if r.get("reference") and r.get("impression")]
+        values = ratescore([r["reference"] for r in scored], [r["impression"] for r in scored], ratescore_models) \
+            if scored and rate_reason is None else None
+        for r, v in zip(scored, values or []):
+            r["rate"] = v
+
+    n_boot = recipe.eval.bootstrap
+    frame1 = _frame(main.table1, TABLE1_COLUMNS)
+    frame2 = _frame(main.table2, TABLE2_COLUMNS)
+    made: dict[str, Table] = {"table1": build_table1(frame1, scen, n_boot, seed, rate_note)}
+    if chains:
+        methods2 = [METHOD_UNIFIED] + ([ensemble_name(ensemble)] if ensemble > 1 else [])
+        methods2 += [m for b, m in (("copy", METHOD_COPY), ("unet", METHOD_UNET), ("two-stage", METHOD_TWO_STAGE))
+                     if b in names]
+        made["table2"] = build_table2(frame2, methods2, chains, n_boot, seed)
+    if ablation:
+        comps = {name: flags for name, flags in ABLATION_VARIANTS.values()}
+        made["table3"] = tables.table3(_frame(abl1, TABLE1_COLUMNS), _frame(abl2, TABLE2_COLUMNS), comps,
+                                       n_boot=n_boot, seed=seed,
+                                       notes=["A: understanding-only protocol; B, C, UniBrain: unified protocol "
+                                              "(inputs, imputation with thinking, answer)."])
+
+    per_case = float(np.mean(main.seconds)) if main.seconds else math.nan
+    summary: dict[str, Any] = {
+        "format": EVAL_FORMAT,
+        "checkpoint": str(variants["full"]),
+        "ablation_checkpoints": {k: str(v) for k, v in variants.items()} if ablation else None,
+        "data": str(data), "split": split, "image_size": size,
+        "cases": len(cases), "case_ids": [c.case_id for c in cases],
+        "scenarios": list(scen), "chains": list(chains), "ensemble": ensemble, "baselines": list(names),
+        "seed": seed, "device": device, "thinking_tokens": thinking_tokens, "answer_tokens": answer_tokens,
+        "sample_steps": recipe.flow.sample_steps, "unet_steps": unet_steps if base.unets else None,
+        "bootstrap": n_boot, "ratescore": rate_note,
+        "cohorts": {
+            "table1": {s: int(((frame1["scenario"] == s) & (frame1["method"] == METHOD_UNIFIED)).sum()) for s in scen},
+            "table2": {c: int(((frame2["chain"] == c) & (frame2["method"] == METHOD_UNIFIED)).sum()) for c in chains},
+        },
+        "seconds": {"total": None, "baselines_fit": t_fit, "per_case_mean": per_case,
+                    "per_case": [round(s, 3) for s in main.seconds], "ablation_per_case_mean": abl_seconds or None},
+        "tables": {k: t.summary.to_dict("records") for k, t in made.items()},
+    }
+
+    figs: dict[str, Path] = {}
+    files: list[Path] = []
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        for name, frame in (("table1_cases.csv", frame1), ("table2_cases.csv", frame2)):
+            if name == "table2_cases.csv" and not chains:
+                continue
+            frame.to_csv(tmp / name, index=False)
+            files.append(out_dir / name)
+        files += [out_dir / p.name for p in tables.write_tables(list(made.values()), tmp)]
+        if main.qualitative:
+            figures.qualitative_grid(main.qualitative, tmp / "qualitative.png",
+                                     title=f"UniBrain imputation (seed {seed}): inputs | imputed | truth | error")
+            figs["qualitative"] = out_dir / "qualitative.png"
+        figures.metric_bars(made["table1"].summary, "top1", tmp / "bars_top1.png", group="scenario",
+                            ylabel="Top-1 (%)", title="Diagnosis Top-1 by scenario")
+        figs["bars_top1"] = out_dir / "bars_top1.png"
+        if "table2" in made:
+            figures.metric_bars(made["table2"].summary, "psnr", tmp / "bars_psnr.png", group="chain",
+                                ylabel="PSNR (dB)", title="Imputation PSNR by chain")
+            figs["bars_psnr"] = out_dir / "bars_psnr.png"
+        from unibrain_cli.config.loader import save_resolved
+
+        save_resolved(recipe, tmp)
+        files += [*figs.values(), out_dir / "recipe.resolved.toml", out_dir / "eval.json"]
+        summary["figures"] = {k: str(v) for k, v in figs.items()}
+        summary["files"] = [str(p) for p in files]
+        summary["seconds"]["total"] = time.perf_counter() - t_start
+        write_text(tmp / "eval.json", json.dumps(_json_safe(summary), indent=1))
+    return EvalResult(out_dir, made, figs, summary, files)
