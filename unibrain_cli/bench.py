@@ -170,6 +170,36 @@ def impute_kv_cache() -> dict[str, Any]:
     return bench_impute_cache(recipe="small", text_tokens=16, repeats=1)
 
 
+@bench("impute_full_volume")
+def impute_full_volume() -> dict[str, Any]:
+    """`small` (random weights) imputing T2 for every brain slice of nilearn's MNI152 T1 (2 mm):
+    seconds per volume and the process's peak resident memory."""
+    import resource
+    import tempfile
+
+    import nibabel as nib
+    from nilearn.datasets import load_mni152_template
+
+    from unibrain_cli.inference.bench import make_random_checkpoint
+    from unibrain_cli.inference.checkpoint import load_for_inference
+    from unibrain_cli.inference.impute import impute
+    from unibrain_cli.inference.inputs import resolve_inputs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t1 = Path(tmp) / "mni_t1.nii.gz"
+        nib.save(load_mni152_template(resolution=2), t1)
+        bundle = load_for_inference(make_random_checkpoint(Path(tmp) / "ckpt", "small"))
+        spec = resolve_inputs(f"t1={t1}", None, None, None)
+        t0 = time.perf_counter()
+        res = impute(spec, ["t2"], None, Path(tmp) / "out", slices="all", bundle=bundle,
+                     thinking_tokens=16, answer_tokens=0)
+        sec = time.perf_counter() - t0
+        n = len(res.slices)
+    return {"volume": "MNI152 T1 2 mm (nilearn)", "slices_generated": n, "seconds_per_volume": round(sec, 1),
+            "seconds_per_slice": round(sec / max(n, 1), 3), "thinking_tokens": 16,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
 @bench("train_stages_small")
 def train_stages_small() -> dict[str, Any]:
     """Tokens/s of `unified` and `dhs` (10 rollout steps) steps of `small` on one 4-modality sample."""
