@@ -31,7 +31,7 @@ from unibrain_cli.inference.engine import (
     softmax_scores,
 )
 from unibrain_cli.inference.impute import CHAIN
-from unibrain_cli.inference.inputs import InputSpec, load_case, representative_slice
+from unibrain_cli.inference.inputs import CaseVolumes, InputSpec, load_case, representative_slice
 from unibrain_cli.modalities import DISEASES
 
 
@@ -56,6 +56,22 @@ def engine_for(bundle: InferenceBundle) -> Engine:
                   bundle.recipe.data.max_text_tokens)
 
 
+def load_case_and_model(
+    spec: InputSpec, ckpt: str | Path | None, device: str, bundle: InferenceBundle | None
+) -> tuple[CaseVolumes, InferenceBundle]:
+    """The preprocessed case and the model; bad input files fail before the (slow) model load,
+    and modalities the model was not trained on are refused."""
+    folder = resolve_checkpoint(ckpt) if bundle is None else None
+    case = load_case(spec)
+    if bundle is None:
+        bundle = load_for_inference(folder, device)
+    known = bundle.recipe.data.modalities
+    bad = [m for m in spec.files if m not in known]
+    if bad:
+        raise UserError(f"this model was not trained on '{bad[0]}' (it knows {', '.join(known)})", "--have")
+    return case, bundle
+
+
 def diagnose(
     spec: InputSpec,
     ckpt: str | Path | None,
@@ -67,16 +83,8 @@ def diagnose(
     steps: int | None = None,
 ) -> Diagnosis:
     """Score the five classes for the case in ``spec`` (see the module docstring)."""
-    if bundle is None:
-        folder = resolve_checkpoint(ckpt)
-        case = load_case(spec)  # bad input files fail before the (slow) model load
-        bundle = load_for_inference(folder, device)
-    else:
-        case = load_case(spec)
+    case, bundle = load_case_and_model(spec, ckpt, device, bundle)
     known = bundle.recipe.data.modalities
-    bad = [m for m in spec.files if m not in known]
-    if bad:
-        raise UserError(f"this model was not trained on '{bad[0]}' (it knows {', '.join(known)})", "--have")
     images, brain, k = representative_slice(case, bundle.image_size)
     engine = engine_for(bundle)
     slice_inputs = {m: torch.from_numpy(v) for m, v in images.items()}

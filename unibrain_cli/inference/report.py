@@ -21,10 +21,10 @@ import torch
 
 from unibrain_cli.data import templates
 from unibrain_cli.errors import UserError
-from unibrain_cli.inference.checkpoint import InferenceBundle, load_for_inference, resolve_checkpoint
-from unibrain_cli.inference.diagnose import engine_for
+from unibrain_cli.inference.checkpoint import InferenceBundle
+from unibrain_cli.inference.diagnose import engine_for, load_case_and_model
 from unibrain_cli.inference.engine import ANSWER_PREFIX, Context, Engine
-from unibrain_cli.inference.inputs import InputSpec, load_case, representative_slice
+from unibrain_cli.inference.inputs import InputSpec, representative_slice
 from unibrain_cli.modalities import DISPLAY_NAMES
 
 ReportFormat = Literal["text", "markdown", "json"]
@@ -81,16 +81,7 @@ def report(
 
     Text is decoded greedily, so ``seed`` changes nothing; it is recorded with the report.
     """
-    if bundle is None:
-        folder = resolve_checkpoint(ckpt)
-        case = load_case(spec)  # bad input files fail before the (slow) model load
-        bundle = load_for_inference(folder, device)
-    else:
-        case = load_case(spec)
-    known = bundle.recipe.data.modalities
-    bad = [m for m in spec.files if m not in known]
-    if bad:
-        raise UserError(f"this model was not trained on '{bad[0]}' (it knows {', '.join(known)})", "--have")
+    case, bundle = load_case_and_model(spec, ckpt, device, bundle)
     images, _, k = representative_slice(case, bundle.image_size)
     engine = engine_for(bundle)
     ctx = engine.new_context()
