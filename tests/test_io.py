@@ -114,3 +114,17 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     with atomic_dir(target) as tmp:
         write_text(tmp / "full.txt", "x")
     assert (target / "full.txt").read_text() == "x"
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "d") as tmp:
+            write_text(tmp / "b.txt", "y")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
