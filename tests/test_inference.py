@@ -420,3 +420,26 @@ def test_cuda_bf16_chain_matches_cpu_roughly(ckpt, bundle):
     b = impute_chain(engine(bundle, True), img, ["t2"], seed=0, thinking_tokens=0)
     assert torch.isfinite(a.images["t2"]).all()
     assert (a.images["t2"] - b.images["t2"]).abs().mean() < 0.05
+
+
+def test_vit_view_uses_the_training_rounding_for_bagel_geometry():
+    """256 px slices with ViT patch 14 (bagel-7b): inference and training both see 252 px (18x18)."""
+    from dataclasses import replace as dc_replace
+
+    import torch as _torch
+
+    from unibrain_cli.config import load_recipe
+    from unibrain_cli.inference.blocks import check_image_size, image_to_vit_patches, vit_side
+    from unibrain_cli.training.materialize import vit_tokens
+
+    cfg = load_recipe("bagel-7b").model
+    check_image_size(cfg, 256)
+    assert vit_side(256, 14) == 252
+    img = _torch.rand(256, 256, generator=_torch.Generator().manual_seed(0))
+    patches, grid = image_to_vit_patches(img, cfg)
+    assert grid == (18, 18) and patches.shape == (324, 14 * 14 * 3)
+    train = vit_tokens(img[None], 14, 3, size=252)[0]
+    _torch.testing.assert_close(patches, train)
+    small = dc_replace(load_recipe("small").model)
+    p64, g64 = image_to_vit_patches(img[:64, :64], small)
+    assert g64 == (8, 8) and p64.shape[0] == 64

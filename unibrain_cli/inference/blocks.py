@@ -89,15 +89,19 @@ def to_model_range(images: Tensor, channels: int) -> Tensor:
     return x[:, None].expand(-1, channels, -1, -1)
 
 
+def vit_side(size: int, patch: int) -> int:
+    """Side the ViT sees for a ``size`` x ``size`` slice: ``size`` rounded to the nearest multiple of
+    the patch (BAGEL's stride rounding, e.g. 256 -> 252 for patch 14). Training uses the same rule."""
+    return max(1, round(size / patch)) * patch
+
+
 def check_image_size(cfg: ModelConfig, size: int) -> None:
     """ValueError unless a ``size`` x ``size`` slice fits both encoders and the position tables."""
     lat_unit = cfg.vae.downsample * cfg.latent_patch_size
-    if size % lat_unit or size % cfg.vit.patch_size:
-        raise ValueError(
-            f"image size {size} must be a multiple of {lat_unit} (VAE downsample x latent patch) "
-            f"and of the ViT patch {cfg.vit.patch_size}"
-        )
-    if size // lat_unit > cfg.max_latent_size or size // cfg.vit.patch_size > cfg.vit_max_num_patch_per_side:
+    if size % lat_unit:
+        raise ValueError(f"image size {size} must be a multiple of {lat_unit} (VAE downsample x latent patch)")
+    vit_grid = vit_side(size, cfg.vit.patch_size) // cfg.vit.patch_size
+    if size // lat_unit > cfg.max_latent_size or vit_grid > cfg.vit_max_num_patch_per_side:
         raise ValueError(f"image size {size} exceeds the model's position tables")
 
 
@@ -122,10 +126,19 @@ def image_to_vae_tokens(vae: AutoEncoder, image: Tensor, cfg: ModelConfig) -> tu
 
 
 def image_to_vit_patches(image: Tensor, cfg: ModelConfig) -> tuple[Tensor, tuple[int, int]]:
-    """One slice [H, W] in [0, 1] -> (ViT patches [n, patch*patch*C] in [-1, 1], grid (rows, cols))."""
-    x = to_model_range(image.float(), cfg.vit.num_channels)[0]
-    patches, _ = patchify(x, cfg.vit.patch_size, cfg.vit_max_num_patch_per_side)
-    return patches, (image.shape[-2] // cfg.vit.patch_size, image.shape[-1] // cfg.vit.patch_size)
+    """One slice [H, W] in [0, 1] -> (ViT patches [n, patch*patch*C] in [-1, 1], grid (rows, cols)).
+
+    A side that is not a multiple of the patch is first resized to :func:`vit_side` (bilinear,
+    antialiased), exactly as the training materialiser does."""
+    p = cfg.vit.patch_size
+    side = vit_side(image.shape[-1], p)
+    img = image.float()
+    if side != image.shape[-1] or side != image.shape[-2]:
+        img = torch.nn.functional.interpolate(img[None, None], size=(side, side), mode="bilinear",
+                                              align_corners=False, antialias=True)[0, 0].clamp(0.0, 1.0)
+    x = to_model_range(img, cfg.vit.num_channels)[0]
+    patches, _ = patchify(x, p, cfg.vit_max_num_patch_per_side)
+    return patches, (side // p, side // p)
 
 
 def encode_images(vae: AutoEncoder, images: Tensor, cfg: ModelConfig) -> list[EncodedImage]:

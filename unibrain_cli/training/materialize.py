@@ -48,7 +48,7 @@ from torch import Tensor
 from unibrain_cli.config.components import ModelConfig
 from unibrain_cli.data.dataflow import ImageSegment, SamplePlan, TextSegment
 from unibrain_cli.flow.objective import flow_loss, interpolate, velocity_target
-from unibrain_cli.inference.blocks import images_to_vae_tokens, latent_tokens_to_images, wrap_text
+from unibrain_cli.inference.blocks import images_to_vae_tokens, latent_tokens_to_images, vit_side, wrap_text
 from unibrain_cli.model.packing import PackedSequence, SequenceBuilder
 from unibrain_cli.model.vae import AutoEncoder
 
@@ -102,7 +102,7 @@ class ImageGeometry:
     def vit_size(self) -> int:
         """Side the ViT sees: S rounded to the nearest multiple of the patch (BAGEL's stride rounding,
         e.g. 256 -> 252 for patch 14); equal to S when S is a multiple already."""
-        return max(1, round(self.image_size / self.vit_patch)) * self.vit_patch
+        return vit_side(self.image_size, self.vit_patch)
 
     @property
     def vit_grid(self) -> tuple[int, int]:
