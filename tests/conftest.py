@@ -19,3 +19,12 @@ def _torch_determinism():
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Reset Accelerate's process-wide singletons after a test that trained (training tests use it)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -36,13 +36,7 @@ from unibrain_cli.training.stages.dhs import DHSStage
 from unibrain_cli.training.stages.sa import SAStage
 from unibrain_cli.training.stages.unified import UnifiedStage
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def recipe_with(*stages: dict, extra: tuple[str, ...] = ()) -> Recipe:

@@ -33,13 +33,7 @@ from unibrain_cli.training.run import train
 from unibrain_cli.training.stages import EpochSampler, StageTask, StepOutput
 from unibrain_cli.training.trainer import StepInfo, defer_sigint, lr_factor
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

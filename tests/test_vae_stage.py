@@ -19,13 +19,7 @@ from unibrain_cli.training.run import train
 from unibrain_cli.training.stages import StageContext, stage_generator
 from unibrain_cli.training.stages.vae import VAEStage, latent_stats, load_trained_vae, vae_loss
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

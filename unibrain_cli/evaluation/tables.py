@@ -19,7 +19,7 @@ usability are shown in percent like the paper, PSNR in dB, SSIM as a fraction.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,16 +194,9 @@ def table1(
     notes: Sequence[str] = (),
 ) -> Table:
     """Table 1: rows method x scenario; Top-1, ROUGE-1, RaTE with 95% CI and n."""
-    keys = ("method", "scenario")
-    summary = summarize(frame, keys, TABLE1_METRICS, _groups(methods, scenarios, frame, keys), n_boot, seed, alpha)
-    display = pd.DataFrame({
-        "Method": summary["method"],
-        "Scenario": summary["scenario"].map(scenario_label),
-        "n": summary["n"],
-        **{m.label: [format_cell(r, m) for r in summary.to_dict("records")] for m in TABLE1_METRICS},
-    })
-    return Table("table1", "Table 1. Diagnosis and report generation with missing MRIs", summary, display,
-                 [_ci_note(n_boot, seed, alpha), *notes])
+    return _method_table("table1", "Table 1. Diagnosis and report generation with missing MRIs", frame,
+                         ("method", "scenario"), "Scenario", scenario_label, TABLE1_METRICS,
+                         methods, scenarios, n_boot, seed, alpha, notes)
 
 
 def table2(
@@ -216,16 +209,35 @@ def table2(
     notes: Sequence[str] = (),
 ) -> Table:
     """Table 2: rows method x chain; PSNR/SSIM full and in the brain, diagnostic usability (Top-1)."""
-    keys = ("method", "chain")
-    summary = summarize(frame, keys, TABLE2_METRICS, _groups(methods, chains, frame, keys), n_boot, seed, alpha)
+    return _method_table("table2", "Table 2. Missing-modality imputation fidelity and diagnostic usability",
+                         frame, ("method", "chain"), "Chain", chain_label, TABLE2_METRICS,
+                         methods, chains, n_boot, seed, alpha, notes)
+
+
+def _method_table(
+    name: str,
+    title: str,
+    frame: pd.DataFrame,
+    keys: tuple[str, str],
+    column: str,
+    label: Callable[[str], str],
+    metrics: Sequence[Metric],
+    methods: Sequence[str] | None,
+    others: Sequence[str] | None,
+    n_boot: int,
+    seed: int,
+    alpha: float,
+    notes: Sequence[str],
+) -> Table:
+    """Rows method x (scenario | chain), one column per metric with its CI, plus n."""
+    summary = summarize(frame, keys, metrics, _groups(methods, others, frame, keys), n_boot, seed, alpha)
     display = pd.DataFrame({
         "Method": summary["method"],
-        "Chain": summary["chain"].map(chain_label),
+        column: summary[keys[1]].map(label),
         "n": summary["n"],
-        **{m.label: [format_cell(r, m) for r in summary.to_dict("records")] for m in TABLE2_METRICS},
+        **{m.label: [format_cell(r, m) for r in summary.to_dict("records")] for m in metrics},
     })
-    return Table("table2", "Table 2. Missing-modality imputation fidelity and diagnostic usability", summary,
-                 display, [_ci_note(n_boot, seed, alpha), *notes])
+    return Table(name, title, summary, display, [_ci_note(n_boot, seed, alpha), *notes])
 
 
 def table3(
