@@ -17,7 +17,3 @@ class UserError(Exception):
         self.where = where
         self.message = message
         super().__init__(f"{where}: {message}" if where else message)
-
-
-class NotLandedError(UserError):
-    """A subcommand whose library part is not implemented yet."""
