@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_baselines import write_slices
+from slices_helpers import write_slices
 
 SCRIPT = textwrap.dedent(
     """
@@ -79,6 +79,104 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path: Path) -> None:
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 3]  # main process only: three train lines and the eval line
     assert (run / "vae" / "final" / "ae.safetensors").is_file()
+
+
+GLOBAL_NORM_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import parse_flag_from_env
+    from torch import nn
+    from unibrain_cli.config import load_recipe
+    from unibrain_cli.training.stages import StageContext, StageTask, StepOutput
+    from unibrain_cli.training.trainer import run_stage
+
+    COUNTS = {(0, 0): (2, 9), (0, 1): (11, 1), (1, 0): (5, 3), (1, 1): (1, 20)}  # (rank, position): (a, b)
+
+    def toy_batch(rank, position):
+        n_a, n_b = COUNTS[(rank, position)]
+        g = torch.Generator().manual_seed(100 * rank + position)
+        return {"xa": torch.randn(n_a, 4, generator=g), "xb": torch.randn(n_b, 4, generator=g)}
+
+    def sums(model, batch):  # two per-token terms: sum over the micro-batch's tokens
+        a = (model(batch["xa"]) - batch["xa"].sum(1, keepdim=True)).square().sum()
+        b = (model(batch["xb"]) + 1.0).abs().sum()
+        return {"a": a, "b": b}
+
+    def fresh():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    class TokenStage(StageTask):
+        name = "sa"
+        def build_model(self): return fresh()
+        def next_batch(self, position, generator): return toy_batch(self.ctx.rank, position % 2)
+        def loss_counts(self, batch): return {"a": len(batch["xa"]), "b": len(batch["xb"])}
+        def loss(self, model, batch, norm=None):
+            s = sums(model, batch)
+            terms = {k: s[k] / norm[k] for k in s}
+            return StepOutput(terms["a"] + terms["b"], {k: float(v.detach()) for k, v in terms.items()}, 1)
+        def export(self, model, out_dir): (out_dir / "ok.json").write_text("{}")
+
+    run, out = Path(sys.argv[1]), Path(sys.argv[2])
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() decides (run.py)
+    recipe = load_recipe("tiny", ["train.stages=[{name='sa', steps=1, lr=0.1, grad_accum=2}]",
+                                  "train.checkpoint_every=100", "train.log_every=1"])
+    grads, infos = [], []
+    original = Accelerator.clip_grad_norm_
+    def spy(self, parameters, max_norm, norm_type=2):
+        parameters = list(parameters)
+        grads.append([p.grad.detach().clone() for p in parameters])
+        return original(self, parameters, max_norm, norm_type)
+    Accelerator.clip_grad_norm_ = spy
+    ctx = StageContext(recipe, recipe.train.stages[0], 0, run, run, {}, state.process_index, state.num_processes)
+    run_stage(TokenStage(ctx), hooks=[infos.append])
+    # by hand: every token of the step (both ranks, both micro-batches) over the global counts
+    model = fresh()
+    batches = [toy_batch(r, p) for r in range(2) for p in range(2)]
+    total = {"a": sum(len(b["xa"]) for b in batches), "b": sum(len(b["xb"]) for b in batches)}
+    parts = [sums(model, b) for b in batches]
+    means = {k: float(sum(s[k] for s in parts)) / total[k] for k in total}
+    loss = sum(s["a"] / total["a"] + s["b"] / total["b"] for s in parts)
+    want = torch.autograd.grad(loss, list(model.parameters()))
+    err = max(float((g - w).abs().max()) for g, w in zip(grads[0], want))
+    record = {"rank": state.process_index, "err": err, "scale": max(float(w.abs().max()) for w in want),
+              "checksum": sum(float(g.double().sum()) for g in grads[0]), "terms": infos[0].terms,
+              "means": means}
+    (out / f"rank{state.process_index}.json").write_text(json.dumps(record))
+    """
+)
+
+
+def test_two_process_losses_use_the_global_token_counts(tmp_path: Path) -> None:
+    """grad_accum 2 x 2 ranks with very different token counts per micro-batch: the synchronised
+    gradient is that of (sum of all token losses of the step) / (global count), per term."""
+    script = tmp_path / "norm_train.py"
+    script.write_text(GLOBAL_NORM_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script), str(tmp_path / "RUN"), str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for rec in ranks:
+        assert rec["scale"] > 1e-2 and rec["err"] < 1e-5, rec
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    for k, mean in ranks[0]["means"].items():  # the logged terms (averaged over ranks): per-token means of the step
+        assert (ranks[0]["terms"][k] + ranks[1]["terms"][k]) / 2 == pytest.approx(mean, rel=1e-5)
 
 
 if __name__ == "__main__":  # pragma: no cover

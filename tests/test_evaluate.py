@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from safetensors.numpy import save_file
+from slices_helpers import save_slices_folder
 from typer.testing import CliRunner
 
 from unibrain_cli.cli.app import app
@@ -58,26 +58,20 @@ def make_slice(rng: np.random.Generator, mods: tuple[str, ...], size: int) -> di
 def write_slices(root: Path, size: int = S, seed: int = 0) -> Path:
     """A slices folder (unibrain-slices/1): one eval slice + one other slice per case, one shard."""
     rng = np.random.default_rng(seed)
-    (root / "shards").mkdir(parents=True)
-    rows, buf = [], []
+    rows, slices = [], []
     for case, (split, mods, disease, impression) in CASES.items():
         for k in range(2):
-            buf.append(make_slice(rng, mods, size))
+            slices.append(make_slice(rng, mods, size))
             rows.append({
                 "slice_id": f"{case}:{k}", "case_id": case, "subset": "synthetic", "split": split,
-                "diseases": disease, "slice_k": k, "is_eval": k == 1, "shard": "shard-00000.safetensors",
-                "row": len(buf) - 1, "modalities": "|".join(m for m in MODALITIES if m in mods),
+                "diseases": disease, "slice_k": k, "is_eval": k == 1, "shard": "", "row": 0,
+                "modalities": "|".join(m for m in MODALITIES if m in mods),
                 "lesion_area_px": 10, "lesion_w_mm": 4.0, "lesion_h_mm": 4.0,
                 "findings_2d": json.dumps({m: "a lesion" for m in mods}),
                 "findings_3d": json.dumps({m: "a lesion" for m in mods}),
                 "global_finding_2d": "a lesion", "global_finding": "a lesion", "impression": impression,
             })
-    save_file({k: np.stack([b[k] for b in buf]) for k in buf[0]}, str(root / "shards" / "shard-00000.safetensors"))
-    pd.DataFrame(rows).to_parquet(root / "index.parquet")
-    meta = {"format": "unibrain-slices/1", "size": size, "axis": "axial", "modalities": list(MODALITIES),
-            "num_slices": len(rows), "source": "synthetic"}
-    (root / "slices.json").write_text(json.dumps(meta))
-    return root
+    return save_slices_folder(root, rows, slices, size, shard_rows=len(slices))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_baselines import write_slices
+from slices_helpers import write_slices
 
 from unibrain_cli.config import load_recipe
 from unibrain_cli.config.components import Recipe

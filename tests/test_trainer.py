@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_baselines import write_slices
+from slices_helpers import write_slices
 from torch import nn
 
 from unibrain_cli.config import load_recipe

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_baselines import write_slices
+from slices_helpers import write_slices
 
 from unibrain_cli.config import load_recipe
 from unibrain_cli.config.components import Recipe

@@ -102,9 +102,10 @@ class UniBrainModel(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Fresh init: N(0, 0.02) linears/embeddings of the LLM side, zero biases, unit norms,
-        zero ``llm2vae``, generation expert = copy of the understanding expert. The ViT keeps
-        its own init."""
+        """Fresh init: N(0, 0.02) linears/embeddings of the LLM side, LeCun-normal modality
+        adapters (``vae2llm``, connector, timestep MLP), zero biases, unit norms, zero
+        ``llm2vae``, generation expert = copy of the understanding expert. The ViT keeps its own
+        init."""
         for module in [self.language_model, self.connector, self.vae2llm, self.time_embedder]:
             for m in module.modules():
                 if isinstance(m, nn.Linear):
@@ -113,6 +114,14 @@ class UniBrainModel(nn.Module):
                         nn.init.zeros_(m.bias)
                 elif isinstance(m, nn.Embedding):
                     nn.init.normal_(m.weight, std=0.02)
+        # The modality adapters get a variance-preserving (LeCun normal) init instead: at N(0, 0.02)
+        # their outputs would be ~10x smaller than the fixed 2D sin-cos tables (per-dim RMS
+        # sqrt(1/2)) they are added to, so every image would enter as "position only" and a
+        # from-scratch model would spend hundreds of steps growing these weights before it could
+        # tell one image (or noise level) from another.
+        for m in [self.vae2llm, self.connector.fc1, self.connector.fc2, *self.time_embedder.mlp]:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=m.in_features ** -0.5)
         nn.init.zeros_(self.llm2vae.weight)
         nn.init.zeros_(self.llm2vae.bias)
         self.language_model.init_generation_expert()

@@ -37,7 +37,7 @@ Conventions (shared with inference; keep them identical there):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -314,6 +314,15 @@ class TrainBatch:
     def num_slots(self) -> int:
         return int(self.timesteps.numel())
 
+    def loss_counts(self) -> dict[str, int]:
+        """Target tokens of each loss term (:func:`pack_losses`): ``ntp`` the NTP labels, ``flow``
+        the noisy latent rows of generation targets, ``sa`` those of self-alignment targets (every
+        noisy image carries the flow loss on all its ``T`` latent tokens, once)."""
+        rows = int(self.noise.shape[1]) if self.num_slots else 0
+        n_sa = int(self.slot_sa.sum())
+        return {"ntp": int(self.packed.ce_labels.numel()), "flow": (self.num_slots - n_sa) * rows,
+                "sa": n_sa * rows}
+
     def to(self, device: torch.device | str) -> TrainBatch:
         changes = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, Tensor)}
         return dataclasses.replace(self, packed=self.packed.to(device), **changes)
@@ -484,10 +493,12 @@ def fill_pack(batch: TrainBatch, lat: Tensor, vit: Tensor, gen_lat: Tensor | Non
 
 @dataclass
 class LossTerms:
-    """Per-token means of one micro-batch (0 when a term has no token).
+    """The terms of one micro-batch (0 when a term has no token): per-token means, or with
+    ``norm`` the sums of per-token losses divided by ``norm[term]`` (:func:`pack_losses`).
 
     ``ntp``: cross-entropy over NTP targets; ``flow``: velocity MSE over noisy rows of
-    generation targets; ``sa``: the same over self-alignment rows; counts in tokens.
+    generation targets; ``sa``: the same over self-alignment rows; counts in tokens (of this
+    micro-batch; equal to :meth:`TrainBatch.loss_counts`).
     """
 
     ntp: Tensor
@@ -499,7 +510,7 @@ class LossTerms:
 
 
 def pack_losses(logits: Tensor | None, labels: Tensor, velocity: Tensor | None, target: Tensor,
-                row_sa: Tensor) -> LossTerms:
+                row_sa: Tensor, norm: Mapping[str, float] | None = None) -> LossTerms:
     """NTP and flow terms from model outputs at ``ce_indexes`` / noisy rows (float32 math).
 
     Args:
@@ -507,17 +518,24 @@ def pack_losses(logits: Tensor | None, labels: Tensor, velocity: Tensor | None, 
         labels: long [N_ce].
         velocity: [N_noisy, D] predicted velocity of the noisy rows (pack order) or None.
         target: [N_noisy, D] ``eps - x0``; row_sa: bool [N_noisy].
+        norm: per-term divisors ``{"ntp", "flow", "sa"}`` of the summed per-token losses — the
+            trainer's ``global token count / (grad_accum * world_size)`` (see
+            :mod:`unibrain_cli.training.trainer`); a missing key or None divides by this
+            micro-batch's own count (the per-token mean).
     """
+    norm = norm or {}
     zero = target.new_zeros(()).float()
     n_ce = int(labels.numel())
     if logits is not None and n_ce:
-        ntp = F.cross_entropy(logits.float(), labels, reduction="sum") / n_ce
+        denom = max(float(norm.get("ntp", n_ce)), 1e-12)  # a global count of 0 implies n_ce == 0
+        ntp = F.cross_entropy(logits.float(), labels, reduction="sum") / denom
     else:
         ntp = zero if logits is None else logits.float().sum() * 0.0
     n_sa = int(row_sa.sum())
     n_gen = int(row_sa.numel()) - n_sa
     if velocity is None or not row_sa.numel():
         return LossTerms(ntp, zero, zero, n_ce, 0, 0)
-    flow = flow_loss(velocity, target, weight=~row_sa) if n_gen else velocity.float().sum() * 0.0
-    sa = flow_loss(velocity, target, weight=row_sa) if n_sa else velocity.float().sum() * 0.0
+    flow = (flow_loss(velocity, target, weight=~row_sa, num_tokens=norm.get("flow")) if n_gen
+            else velocity.float().sum() * 0.0)
+    sa = flow_loss(velocity, target, weight=row_sa, num_tokens=norm.get("sa")) if n_sa else velocity.float().sum() * 0.0
     return LossTerms(ntp, flow, sa, n_ce, n_gen, n_sa)

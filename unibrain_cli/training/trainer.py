@@ -2,10 +2,25 @@
 
 One optimizer step = ``stage.grad_accum`` micro-batches per rank. Per step:
 
-    for each micro-batch:  batch = task.next_batch(position, generator); position += 1
-                           with accumulate + autocast: out = task.loss(model, batch); backward
+    draw all micro-batches:  batch_i = task.next_batch(position, generator); position += 1
+    norm = global_loss_norm(task, batches, accelerator)  # loss-token counts over micro-batches and ranks
+    for each micro-batch:    with accumulate + autocast: out = task.loss(model, batch_i, norm=norm); backward
     clip (stage.grad_clip) -> AdamW step -> LR schedule step -> EMA update -> step += 1
     log every train.log_every, checkpoint every train.checkpoint_every, call hooks
+
+Loss normalisation (BAGEL): a stage whose ``loss_counts(batch)`` names its loss terms (e.g.
+``{"ntp": 37, "flow": 256, "sa": 64}`` target tokens) has each term normalised by the number of
+its target tokens over ALL micro-batches of the optimizer step on ALL ranks, so a micro-batch
+with 10 text targets weighs 10/1000 of one with 1000, not as much. ``accelerator.backward``
+divides every micro-batch loss by ``grad_accum`` (accelerate 1.x, non-DeepSpeed) and DDP / FSDP
+average gradients over the ``world`` ranks, so the task receives
+``norm[k] = global_count[k] / (grad_accum * world)`` and returns ``sum of term-k token losses of
+its micro-batch / norm[k]``; the accumulated, synchronised gradient is then exactly that of
+``sum over the step's tokens of term k / global_count[k]``. With one micro-batch and one process
+``norm[k]`` is the micro-batch's own count (the per-micro-batch mean). Logged terms are these
+values averaged over micro-batches and ranks, i.e. the per-token mean over the whole step. A
+stage without counts (``loss_counts`` returns ``{}``, e.g. ``vae``) is called as
+``task.loss(model, batch)`` and keeps its per-micro-batch normalisation.
 
 The LR follows a linear warm-up over ``warmup_steps`` then a cosine decay to ``min_lr`` at
 ``steps`` (:func:`lr_factor`). Weight decay applies to matrices (ndim >= 2) only. The model
@@ -26,7 +41,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,6 +223,29 @@ def _gather_generators(accelerator: Accelerator, state: Tensor) -> dict[int, Ten
     return {r: torch.tensor(s, dtype=torch.uint8) for r, s in enumerate(states)}
 
 
+def global_loss_norm(task: StageTask, batches: Sequence[Mapping[str, Any]], accelerator: Accelerator
+                     ) -> dict[str, float] | None:
+    """Per-term divisors of one optimizer step (see the module docstring), or None.
+
+    ``task.loss_counts`` of every micro-batch of this rank are summed, then summed over ranks
+    (an all-reduce every step when ``num_processes > 1``: every rank must return the same keys),
+    and divided by ``grad_accum * num_processes``. None when the task reports no counts.
+    """
+    counts: dict[str, float] = {}
+    for batch in batches:
+        for k, v in task.loss_counts(batch).items():
+            counts[k] = counts.get(k, 0.0) + float(v)
+    if not counts:
+        return None
+    names = sorted(counts)
+    world = accelerator.num_processes
+    if world > 1:
+        vals = torch.tensor([counts[k] for k in names], dtype=torch.float64, device=accelerator.device)
+        counts = dict(zip(names, accelerator.reduce(vals, "sum").tolist(), strict=True))
+    scale = max(1, accelerator.gradient_accumulation_steps) * world
+    return {k: counts[k] / scale for k in names}
+
+
 @dataclass
 class _ResumePoint:
     """State at the end of the last completed step (what a checkpoint must record)."""
@@ -297,12 +335,16 @@ def run_stage(
     try:
         while step < stage.steps:
             loss_sum, terms_sum = 0.0, {}
+            batches = []  # drawn up front (CPU): next_batch is a pure function of (position, generator)
             for _ in range(stage.grad_accum):
-                batch = send_to_device(task.next_batch(position, generator), accelerator.device)
+                batches.append(task.next_batch(position, generator))
                 position += 1
+            norm = global_loss_norm(task, batches, accelerator)
+            while batches:
+                batch = send_to_device(batches.pop(0), accelerator.device)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
-                        out = task.loss(model, batch)
+                        out = task.loss(model, batch) if norm is None else task.loss(model, batch, norm=norm)
                     accelerator.backward(out.loss)
                 loss_sum += float(out.loss.detach()) / stage.grad_accum
                 for k, v in out.terms.items():

@@ -31,9 +31,20 @@ How to write a stage (``sa``, ``unified``, ``dhs``)
      must be drawn here from ``generator`` (a per-rank ``torch.Generator`` seeded from
      ``train.seed``, the stage index and the rank, saved in checkpoints). This is what makes
      ``--resume`` exact. :class:`EpochSampler` gives rank-disjoint, epoch-shuffled indices.
-   - ``loss(model, batch) -> StepOutput`` — call ``model(...)`` (the WRAPPED model, never its
-     submodules) and return the scalar loss to back-propagate, float terms for logging, and the
-     number of tokens (or images) processed. It runs under ``accelerator.autocast()``.
+   - ``loss_counts(batch) -> dict[str, int]`` (optional) — the number of target tokens of each
+     loss term in the (CPU) micro-batch, e.g. ``{"ntp": 37, "flow": 256, "sa": 64}``. The
+     trainer sums them over the step's ``grad_accum`` micro-batches and over all ranks (so every
+     rank must return the same keys, zeros included) to normalise each term by its GLOBAL token
+     count (BAGEL). The default ``{}`` keeps each micro-batch's own normalisation (``vae``).
+   - ``loss(model, batch, norm=None) -> StepOutput`` — call ``model(...)`` (the WRAPPED model,
+     never its submodules) and return the scalar loss to back-propagate, float terms for logging,
+     and the number of tokens (or images) processed. It runs under ``accelerator.autocast()``.
+     ``norm`` is None when ``loss_counts`` returned ``{}`` (the trainer then calls
+     ``loss(model, batch)``); otherwise ``norm[k] = global_count[k] / (grad_accum * world_size)``
+     and term ``k`` must be the SUM of its per-token losses in this micro-batch divided by
+     ``norm[k]`` (0 when the count is 0). Accelerate's division by ``grad_accum`` and the DDP
+     average then leave the gradient of ``sum over the step / global count``; with one
+     micro-batch and one process ``norm[k]`` is the micro-batch's own count (its mean).
    - ``evaluate(model) -> dict[str, float]`` (optional) — end-of-stage metrics on the plain
      module holding the EMA weights (main process only); logged to metrics.jsonl and run.json.
    - ``export(model, out_dir)`` — write the stage's deliverable (plain module, EMA weights, main
@@ -101,9 +112,10 @@ class StageContext:
 
 @dataclass
 class StepOutput:
-    """Result of one micro-batch: ``loss`` (scalar tensor to back-propagate, already normalised),
-    ``terms`` (named float values for logs, e.g. {"recon": .., "kl": ..}) and ``n_tokens``
-    (tokens or images processed, for throughput)."""
+    """Result of one micro-batch: ``loss`` (scalar tensor to back-propagate, already normalised,
+    by ``norm`` when given), ``terms`` (named float values for logs, e.g. {"recon": .., "kl": ..},
+    normalised like ``loss``: the trainer averages them over micro-batches and ranks) and
+    ``n_tokens`` (tokens or images processed, for throughput)."""
 
     loss: Tensor
     terms: dict[str, float]
@@ -137,9 +149,15 @@ class StageTask(ABC):
     def next_batch(self, position: int, generator: torch.Generator) -> dict[str, Any]:
         """Micro-batch ``position`` of this rank (CPU tensors); all randomness from ``generator``."""
 
+    def loss_counts(self, batch: dict[str, Any]) -> dict[str, int]:
+        """Target tokens per loss term of a CPU micro-batch (default ``{}``: per-micro-batch
+        normalisation); see the module docstring."""
+        return {}
+
     @abstractmethod
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
-        """Forward through the wrapped ``model``; see :class:`StepOutput`."""
+    def loss(self, model: nn.Module, batch: dict[str, Any], norm: Mapping[str, float] | None = None) -> StepOutput:
+        """Forward through the wrapped ``model``; see :class:`StepOutput`. ``norm``: per-term
+        divisors of the summed token losses (see the module docstring); None = per-micro-batch means."""
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """End-of-stage metrics of the plain EMA module (main process only)."""

@@ -29,14 +29,20 @@ Ground-truth latents of generated slots enter only their noise split, so they ne
 later token (tested).
 
 Loss: ``L = ntp_weight * L_NTP + flow_weight * (L_flow + L_SA)``, each a per-token mean over
-the micro-batch. With equal-size image slots this is the paper's ``1/k sum_i (L_SA + L_NTP +
-L_flow)``: the flow mean over slots is ``1/k sum_i L_flow,i``. ``L_SA`` comes from ONE
-self-alignment sample packed into every micro-batch (``[vit(m), prompt, noisy vae(m)]`` of a
-random image, training time distribution; it costs one extra short sample and no rollout).
+the optimizer step (summed over the micro-batch, divided by the trainer's global token count,
+see ``unified``). The rollout itself carries no loss: each generation slot contributes exactly
+its ``T`` noisy latent rows ONCE, at its exit-step time, in the packed forward (whatever its
+exit step), the SA sample its ``T`` rows, and NTP its label tokens — which is what
+``TrainBatch.loss_counts`` counts. With equal-size image slots this is the paper's
+``1/k sum_i (L_SA + L_NTP + L_flow)``: the flow mean over slots is ``1/k sum_i L_flow,i``.
+``L_SA`` comes from ONE self-alignment sample packed into every micro-batch (``[vit(m), prompt,
+noisy vae(m)]`` of a random image, training time distribution; it costs one extra short sample
+and no rollout).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -128,14 +134,16 @@ class DHSTrainModule(UnifiedTrainModule):
                 gen_lat[it.slot], gen_vit[it.slot] = views[0][0], views[1][0]
         return sampled, gen_lat, gen_vit
 
-    def losses(self, batch: TrainBatch, lat: Tensor, vit: Tensor) -> LossTerms:
-        """Rollout (no grad) then the packed training forward (with grad)."""
+    def losses(self, batch: TrainBatch, lat: Tensor, vit: Tensor, norm: Mapping[str, float] | None = None
+               ) -> LossTerms:
+        """Rollout (no grad) then the packed training forward (with grad); ``norm`` as in
+        :meth:`UnifiedTrainModule.terms`."""
         _, gen_lat, gen_vit = self.rollout(batch, lat, vit)
-        return self.terms(batch, lat, vit, gen_lat, gen_vit)
+        return self.terms(batch, lat, vit, gen_lat, gen_vit, norm=norm)
 
-    def forward(self, batch: TrainBatch) -> dict[str, Tensor]:
+    def forward(self, batch: TrainBatch, norm: Mapping[str, float] | None = None) -> dict[str, Tensor]:
         lat, vit = self.encode_images(batch.pixels)
-        return self.combine(self.losses(batch, lat, vit))
+        return self.combine(self.losses(batch, lat, vit, norm))
 
 
 class DHSStage(ModelStage):

@@ -12,12 +12,15 @@ Per micro-batch (``next_batch``, every random choice from the stage generator):
    ``flow.logit_normal_*``) and its noise ``eps`` [T, D] are drawn from the stage generator.
 
 Loss (``UnifiedTrainModule.forward``): ``ntp_weight * L_NTP + flow_weight * L_flow`` where
-``L_NTP`` is the cross-entropy averaged over the micro-batch's NTP targets (thinking and answer
-tokens + their eos) and ``L_flow`` the velocity MSE (target ``eps - x0``) averaged over noisy
-latent tokens — each normalised by its own token count in the micro-batch (the trainer then
-averages micro-batches of a step). VAE latents and ViT patches are computed in ``forward`` (VAE
-frozen, no grad) from the slices' pixels. Trainable: the whole unified model; the autoencoder is
-frozen.
+``L_NTP`` is the cross-entropy summed over NTP targets (thinking and answer tokens + their eos)
+and ``L_flow`` the velocity MSE (target ``eps - x0``) summed over noisy latent tokens — each
+divided by its GLOBAL token count: ``ModelStage.loss_counts`` reports each micro-batch's counts
+(:meth:`TrainBatch.loss_counts`), the trainer sums them over the optimizer step's micro-batches
+and all ranks and passes ``norm`` (see :mod:`unibrain_cli.training.trainer`), so the step's
+gradient is that of the per-token mean over the whole step (BAGEL), not a mean of micro-batch
+means. Without ``norm`` (direct calls) each term is the micro-batch's own per-token mean. VAE
+latents and ViT patches are computed in ``forward`` (VAE frozen, no grad) from the slices'
+pixels. Trainable: the whole unified model; the autoencoder is frozen.
 
 This module also holds what the three model stages share: :class:`UnifiedTrainModule` (the
 wrapped loss module) and :class:`ModelStage` (data, model building, export).
@@ -26,7 +29,7 @@ wrapped loss module) and :class:`ModelStage` (data, model building, export).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,23 +105,24 @@ class UnifiedTrainModule(nn.Module):
                 vit_tokens(pixels, g.vit_patch, g.vit_channels, g.vit_size))
 
     def terms(self, batch: TrainBatch, lat: Tensor, vit: Tensor, gen_lat: Tensor | None = None,
-              gen_vit: Tensor | None = None) -> LossTerms:
-        """One packed forward with grad and its loss terms (see :func:`materialize.fill_pack`)."""
+              gen_vit: Tensor | None = None, norm: Mapping[str, float] | None = None) -> LossTerms:
+        """One packed forward with grad and its loss terms (see :func:`materialize.fill_pack`;
+        ``norm``: the trainer's per-term divisors, see :func:`materialize.pack_losses`)."""
         filled = fill_pack(batch, lat, vit, gen_lat, gen_vit)
         has_flow = filled.target.shape[0] > 0
         has_text = filled.packed.ce_indexes.numel() > 0
         out = self.model(filled.packed, logits_at="loss" if has_text else "none",
                          velocity_at="noisy" if has_flow else "none")
-        return pack_losses(out.logits, filled.packed.ce_labels, out.velocity, filled.target, filled.row_sa)
+        return pack_losses(out.logits, filled.packed.ce_labels, out.velocity, filled.target, filled.row_sa, norm)
 
     def combine(self, t: LossTerms) -> dict[str, Tensor]:
         """``loss = ntp_weight * ntp + flow_weight * (flow + sa)`` plus the detached terms."""
         loss = self.ntp_weight * t.ntp + self.flow_weight * (t.flow + t.sa)
         return {"loss": loss, "ntp": t.ntp.detach(), "flow": t.flow.detach(), "sa": t.sa.detach()}
 
-    def forward(self, batch: TrainBatch) -> dict[str, Tensor]:
+    def forward(self, batch: TrainBatch, norm: Mapping[str, float] | None = None) -> dict[str, Tensor]:
         lat, vit = self.encode_images(batch.pixels)
-        return self.combine(self.terms(batch, lat, vit))
+        return self.combine(self.terms(batch, lat, vit, norm=norm))
 
 
 class ModelStage(StageTask):
@@ -274,8 +278,13 @@ class ModelStage(StageTask):
         return {"batch": batch}
 
     # -- loss and export ---------------------------------------------------------------------------
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
-        out = model(batch["batch"])
+    def loss_counts(self, batch: dict[str, Any]) -> dict[str, int]:
+        """NTP labels, generation and self-alignment noisy rows of the micro-batch (always all
+        three keys, so every rank joins the same all-reduce)."""
+        return batch["batch"].loss_counts()
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], norm: Mapping[str, float] | None = None) -> StepOutput:
+        out = model(batch["batch"], norm=norm)
         terms = {k: float(v) for k, v in out.items() if k != "loss"}
         return StepOutput(out["loss"], terms, int(batch["batch"].packed.length))
 

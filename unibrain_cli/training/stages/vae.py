@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +200,8 @@ class VAEStage(StageTask):
             eps.append(torch.randn((self.cfg.z_channels, s // d, s // d), generator=generator))
         return {"x": self._to_input(np.stack(images)), "eps": torch.stack(eps)}
 
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+    def loss(self, model: nn.Module, batch: dict[str, Any], norm: Mapping[str, float] | None = None) -> StepOutput:
+        # no loss_counts: per-micro-batch means (images of equal size; norm is always None)
         x = batch["x"]
         x_hat, mean, logvar = model(x, batch["eps"])
         loss, recon, kl = vae_loss(x, x_hat, mean, logvar, self.ctx.stage.kl_weight)
