@@ -155,3 +155,92 @@ def test_golden_values() -> None:
 # its init order or the packing changed.
 GOLDEN_LOGITS = [-0.14234, 0.162119, -0.038025, -0.364464, -0.299237, 0.207207, -0.241749, -0.162221]
 GOLDEN_VELOCITY = [0.05683, 0.24039, -0.246715, -0.019916, -0.295503, -0.115183]
+
+
+# -- 2D image RoPE (model.image_rope = "2d") ------------------------------------------------------
+
+CFG_2D = replace(CFG, image_rope="2d")
+
+
+def _pair(cfg: ModelConfig) -> tuple[UniBrainModel, UniBrainModel]:
+    """The same weights with 1D (BAGEL) and 2D image RoPE."""
+    m1 = _model()
+    m2 = UniBrainModel(cfg)
+    m2.load_state_dict(m1.state_dict())
+    return m1.eval(), m2.eval()
+
+
+def test_2d_image_rope_leaves_text_alone_and_changes_images() -> None:
+    m1, m2 = _pair(CFG_2D)
+    b = m1.builder()
+    b.add_text([5, 6, 7, 8])
+    text_only = b.build()
+    p = _pack(m1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(m2(text_only, logits_at="all").logits, m1(text_only, logits_at="all").logits)
+        h1, h2 = m1(p, logits_at="none").hidden, m2(p, logits_at="none").hidden
+    first_image = int(p.vae_indexes[0]) - 1  # the image's start marker shares its (full) split
+    torch.testing.assert_close(h2[:first_image], h1[:first_image])  # text before any image: exact 1D RoPE
+    assert (h2[first_image:] - h1[first_image:]).abs().max() > 1e-3
+
+
+def test_image_grid_coordinates() -> None:
+    m = UniBrainModel(CFG_2D)
+    p = _pack(m, 1)
+    grid = m.image_grid(p)
+    assert grid.shape == (p.length, 2)
+    assert torch.isnan(grid[p.text_indexes]).all()
+    vae0 = grid[p.vae_indexes[:6]]  # the first latent image, grid (2, 3), row-major
+    torch.testing.assert_close(vae0, torch.tensor([[0.25, 1 / 6], [0.25, 0.5], [0.25, 5 / 6],
+                                                    [0.75, 1 / 6], [0.75, 0.5], [0.75, 5 / 6]]))
+    vit = grid[p.vit_indexes]  # ViT grid (2, 2)
+    torch.testing.assert_close(vit, torch.tensor([[0.25, 0.25], [0.25, 0.75], [0.75, 0.25], [0.75, 0.75]]))
+    assert UniBrainModel(CFG).image_grid(p) is None
+
+
+def test_2d_rope_aligns_position_matched_tokens_of_two_images() -> None:
+    """The 2D slots of a query at (r, c) of one image and a key at (r, c) of another image have
+    zero relative angle whatever the images' 1D positions; other grid cells do not."""
+    m = UniBrainModel(CFG_2D)
+    b = m.builder()
+    b.add_vae_image((3, 3), latents=torch.zeros(9, 16))
+    b.add_text([4, 5, 6, 7, 8])
+    b.add_vae_image((3, 3), noisy=True, timestep=0.5, latents=torch.zeros(9, 16))
+    p = b.build()
+    rot = m.language_model.model.rotary_emb
+    cos, sin = rot(p.position_ids, torch.float32, m.image_grid(p))
+    angle = torch.atan2(sin, cos)
+    k = CFG.llm.head_dim // 2
+    slots = torch.arange(k - 2 * (CFG.llm.head_dim // 16), k)
+    a, q = angle[p.vae_indexes[:9]][:, slots], angle[p.vae_indexes[9:]][:, slots]
+    torch.testing.assert_close(q, a)  # same cell -> same 2D angles
+    assert not torch.allclose(q[0], a[1])
+    assert not torch.allclose(angle[p.vae_indexes[9:]][:, :4], angle[p.vae_indexes[:9]][:, :4])  # 1D part differs
+
+
+def test_2d_rope_cache_matches_full_forward() -> None:
+    _, m = _pair(CFG_2D)
+    g = torch.Generator().manual_seed(3)
+    z_in, z_noisy = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
+    b = m.builder()
+    b.add_text([3, 4, 5])
+    b.add_vae_image((2, 3), latents=z_in)
+    b.add_text([6, 7])
+    b.add_vae_image((2, 3), noisy=True, timestep=0.5, latents=z_noisy)
+    with torch.no_grad():
+        full = m(b.build(), logits_at="none", velocity_at="noisy").velocity
+        cache = m.new_cache()
+        for add in (lambda x: x.add_text([3, 4, 5]), lambda x: x.add_vae_image((2, 3), latents=z_in),
+                    lambda x: x.add_text([6, 7])):
+            blk = m.builder()
+            add(blk)
+            m.prefill(cache, blk.build())
+        blk = m.builder()
+        blk.add_vae_image((2, 3), noisy=True, timestep=0.5, latents=z_noisy)
+        cached = m.predict_velocity(cache, blk.build())
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
+
+
+def test_image_rope_is_validated() -> None:
+    with pytest.raises(ValueError, match="image_rope"):
+        validate_model_config(replace(CFG, image_rope="3d"))

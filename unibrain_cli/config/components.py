@@ -93,6 +93,10 @@ class ModelConfig:
     vit_max_num_patch_per_side: int = 16  # side of the connector's 2D sin-cos table (BAGEL: 70)
     timestep_freq_dim: int = 256  # sinusoidal features of t in [0, 1] (no x1000)
     connector_act: Literal["gelu_pytorch_tanh"] = "gelu_pytorch_tanh"
+    # "1d": BAGEL's RoPE (every token of an image shares one position). "2d": additionally rotate
+    # the lowest-frequency quarter of each head by the token's normalised (row, col) in its image,
+    # so position-matched tokens of two images align (text keeps exact 1D RoPE). See model/bagel.py.
+    image_rope: Literal["1d", "2d"] = "1d"
     attention_backend: AttentionBackend = "auto"
     tokenizer: Literal["bpe", "qwen2"] = "bpe"
     tokenizer_path: str = ""  # qwen2: local folder with tokenizer files

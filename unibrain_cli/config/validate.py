@@ -54,5 +54,9 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "") -> None:
         )
     if cfg.timestep_freq_dim <= 0 or cfg.timestep_freq_dim % 2:
         raise ValueError(f"{p}timestep_freq_dim={cfg.timestep_freq_dim} must be a positive even number")
+    if cfg.image_rope not in ("1d", "2d"):
+        raise ValueError(f"{p}image_rope={cfg.image_rope!r} must be '1d' (BAGEL) or '2d'")
+    if cfg.image_rope == "2d" and cfg.llm.head_dim < 16:
+        raise ValueError(f"{p}image_rope='2d' needs llm.head_dim >= 16, got {cfg.llm.head_dim}")
     if cfg.attention_backend not in CONFIG_BACKENDS:
         raise ValueError(f"{p}attention_backend={cfg.attention_backend!r} is not one of {CONFIG_BACKENDS}")

@@ -201,6 +201,25 @@ class UniBrainModel(nn.Module):
             h = h.index_put((packed.vae_indexes,), emb.to(dtype))
         return h
 
+    def image_grid(self, packed: PackedSequence) -> Tensor | None:
+        """Per-row normalised image coordinates for ``image_rope = "2d"`` (None for BAGEL's "1d").
+
+        float [N, 2]: ``((row + 0.5) / rows, (col + 0.5) / cols)`` of each ViT / VAE token in its
+        own image grid (row-major, as the tokens are laid out), NaN for text rows. ViT and latent
+        grids of one slice thus share coordinates even when their sizes differ.
+        """
+        if self.config.image_rope != "2d":
+            return None
+        grid = torch.full((packed.length, 2), float("nan"), device=packed.device)
+        for span in packed.images:
+            rows, cols = span.grid_hw
+            index = packed.vit_indexes if span.kind == "vit" else packed.vae_indexes
+            at = index[span.token_start: span.token_start + span.num_tokens]
+            r = torch.arange(rows, device=packed.device, dtype=torch.float32).add_(0.5).div_(rows)
+            c = torch.arange(cols, device=packed.device, dtype=torch.float32).add_(0.5).div_(cols)
+            grid[at] = torch.stack(torch.meshgrid(r, c, indexing="ij"), dim=-1).reshape(-1, 2)
+        return grid
+
     # -- heads --------------------------------------------------------------------------------
 
     def _heads(
@@ -252,7 +271,8 @@ class UniBrainModel(nn.Module):
         """
         h = self.embed(packed)
         route = Routing(packed.und_indexes, packed.gen_indexes, packed.length)
-        hidden, _ = self.language_model(h, packed.position_ids, route, packed.mask_info(), self._backend(backend))
+        hidden, _ = self.language_model(h, packed.position_ids, route, packed.mask_info(), self._backend(backend),
+                                        grid=self.image_grid(packed))
         return self._heads(packed, hidden, logits_at, velocity_at)
 
     # -- cached (inference) -------------------------------------------------------------------
@@ -283,7 +303,8 @@ class UniBrainModel(nn.Module):
         route = Routing(block.und_indexes, block.gen_indexes, block.length)
         mask = block.mask_info(prefix_len=cache.length)
         positions = block.position_ids + cache.next_position
-        hidden, present = self.language_model(h, positions, route, mask, self._backend(backend), cache.past())
+        hidden, present = self.language_model(h, positions, route, mask, self._backend(backend), cache.past(),
+                                              grid=self.image_grid(block))
         if update:
             noise_rows = mask.q_mode == MODE_NOISE
             keep = None if not bool(noise_rows.any()) else (~noise_rows).nonzero().flatten()

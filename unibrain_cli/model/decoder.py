@@ -21,6 +21,7 @@ Module names equal BAGEL's so state dicts map one to one under ``language_model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -105,11 +106,37 @@ class RotaryEmbedding(nn.Module):
         exps = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=self.inv_freq.device) / self.head_dim
         self.inv_freq.copy_(1.0 / (self.theta**exps))
 
-    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """position_ids: long [N] -> (cos, sin), each [N, head_dim] in ``dtype``."""
+    def forward(self, position_ids: Tensor, dtype: torch.dtype, grid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """position_ids: long [N] -> (cos, sin), each [N, head_dim] in ``dtype``.
+
+        ``grid`` (optional, float [N, 2]): normalised (row, col) in (0, 1) of image tokens, NaN for
+        text rows. Image rows then use 2D angles in the last ``head_dim // 4`` frequency slots
+        (the lowest 1D frequencies, nearly constant over a sequence): half rotate by the row,
+        half by the column, at :func:`grid_frequencies`. Text rows are unchanged (exact 1D RoPE).
+        """
         freqs = position_ids.float()[:, None] * self.inv_freq[None, :].float()
+        if grid is not None:
+            k = grid_slots(self.head_dim) // 2
+            f = grid_frequencies(k, freqs.device)
+            g = torch.nan_to_num(grid.float())
+            two_d = torch.cat([g[:, :1] * f, g[:, 1:] * f], dim=1)  # [N, 2k]
+            is_img = ~torch.isnan(grid[:, :1])
+            freqs = torch.cat([freqs[:, : -2 * k], torch.where(is_img, two_d, freqs[:, -2 * k:])], dim=1)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def grid_slots(head_dim: int) -> int:
+    """Frequency slots (of ``head_dim // 2``) that 2D image RoPE takes over: a quarter of the head."""
+    return 2 * max(1, head_dim // 16)
+
+
+def grid_frequencies(k: int, device: torch.device | str | None = None) -> Tensor:
+    """k angular frequencies for coordinates in (0, 1): ``pi * 16 ** (j / (k - 1))``, j = 0..k-1,
+    i.e. half a turn to 8 turns across the image (geometric, so offsets of a half or a quarter
+    of the image do not alias to the peak at 0)."""
+    j = torch.arange(k, dtype=torch.float32, device=device)
+    return math.pi * 16.0 ** (j / max(k - 1, 1))
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -247,6 +274,7 @@ class MoTModel(nn.Module):
         mask: MaskInfo,
         backend: str = "auto",
         past: list[KV] | None = None,
+        grid: Tensor | None = None,
     ) -> tuple[Tensor, list[KV]]:
         """Run all layers on embedded rows.
 
@@ -257,11 +285,13 @@ class MoTModel(nn.Module):
             mask: queries = the N rows; keys = cached prefix (if any) + the N rows.
             backend: attention backend (:func:`unibrain_cli.model.attention.attend`).
             past: per layer cached (k, v) [P, Hkv, D] of the prefix, or None.
+            grid: optional float [N, 2] image-token coordinates for 2D image RoPE
+                (:meth:`RotaryEmbedding.forward`), NaN rows for text.
 
         Returns:
             final-normed hidden states [N, hidden] and per layer the new rows' (k, v).
         """
-        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        cos, sin = self.rotary_emb(position_ids, x.dtype, grid)
         present: list[KV] = []
         for i, layer in enumerate(self.layers):
             layer_past = past[i] if past is not None else None
@@ -303,6 +333,7 @@ class MoTLanguageModel(nn.Module):
         mask: MaskInfo,
         backend: str = "auto",
         past: list[KV] | None = None,
+        grid: Tensor | None = None,
     ) -> tuple[Tensor, list[KV]]:
         """See :meth:`MoTModel.forward`; returns final hidden states (apply ``lm_head`` as needed)."""
-        return self.model(x, position_ids, route, mask, backend, past)
+        return self.model(x, position_ids, route, mask, backend, past, grid)
