@@ -1,0 +1,35 @@
+"""The conditioning probe (evaluation/probe.py) on a random tiny checkpoint."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from slices_helpers import write_slices
+
+from unibrain_cli.evaluation.probe import conditioning_probe, main
+from unibrain_cli.inference.bench import make_random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("probe")
+    return make_random_checkpoint(root / "ckpt", velocity_std=0.5), write_slices(root / "slices")
+
+
+def test_probe_is_deterministic_and_context_sensitive(setup: tuple[Path, Path]) -> None:
+    ckpt, slices = setup
+    a = conditioning_probe(ckpt, slices, split="test", times=(0.5,))
+    b = conditioning_probe(ckpt, slices, split="test", times=(0.5,))
+    assert a == b and a["n"] == 2
+    assert all(math.isfinite(a[c]) and a[c] > 0 for c in ("own", "other", "none"))
+    assert a["own"] != a["none"] and a["own"] != a["other"]  # the random model's velocity sees the image
+
+
+def test_probe_needs_two_slices(setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt, slices = setup
+    with pytest.raises(ValueError, match="need at least 2"):
+        conditioning_probe(ckpt, slices, split="test", target="flair")  # case11 of the test split has no FLAIR
+    main([str(ckpt), str(slices), "--max-slices", "2"])
+    assert '"n": 2' in capsys.readouterr().out
