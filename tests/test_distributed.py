@@ -47,18 +47,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_two_process_ddp_keeps_ranks_in_sync(tmp_path: Path) -> None:
-    slices = write_slices(tmp_path / "SLICES", n_cases=8)
-    script = tmp_path / "ddp_train.py"
-    script.write_text(SCRIPT)
-    out = tmp_path / "out"
-    out.mkdir()
-    # torchrun + ACCELERATE_USE_CPU: Accelerate's MULTI_CPU (gloo) mode; `accelerate launch --cpu`
-    # starts a single process. On GPUs `accelerate launch --num_processes N` is the same code path.
+def run_two_ranks(script: Path, *args: str) -> list[dict]:
+    """Run ``script`` on 2 CPU ranks (torchrun + ACCELERATE_USE_CPU: Accelerate's MULTI_CPU gloo
+    mode; ``accelerate launch --cpu`` would start a single process; on GPUs ``accelerate launch
+    --num_processes N`` is the same code path). The script writes ``OUT/rank{r}.json``; ``args[-1]``
+    is OUT. Returns both ranks' records."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(script), str(slices), str(tmp_path / "RUN"), str(out)]
+           str(script), *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -68,7 +65,16 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path: Path) -> None:
         proc.communicate()
         raise
     assert proc.returncode == 0, stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((Path(args[-1]) / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_process_ddp_keeps_ranks_in_sync(tmp_path: Path) -> None:
+    slices = write_slices(tmp_path / "SLICES", n_cases=8)
+    script = tmp_path / "ddp_train.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    ranks = run_two_ranks(script, str(slices), str(tmp_path / "RUN"), str(out))
     assert ranks[0]["checksum"] == ranks[1]["checksum"] and ranks[0]["abs"] == ranks[1]["abs"]
     assert ranks[0]["loss"] != ranks[1]["loss"]  # each rank saw its own data
     run = tmp_path / "RUN"
@@ -158,20 +164,7 @@ def test_two_process_losses_use_the_global_token_counts(tmp_path: Path) -> None:
     script.write_text(GLOBAL_NORM_SCRIPT)
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(script), str(tmp_path / "RUN"), str(out)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = run_two_ranks(script, str(tmp_path / "RUN"), str(out))
     for rec in ranks:
         assert rec["scale"] > 1e-2 and rec["err"] < 1e-5, rec
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
