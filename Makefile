@@ -38,6 +38,9 @@ bench: $(STAMP)
 # variants at the same budget, then evaluation with U-Net and two-stage baselines and a 5-seed ensemble.
 experiments: $(STAMP)
 	@test -d $(SLICES) || { echo "no $(SLICES): run make demo first (or pass SLICES=...)"; exit 2; }
+	@# the demo's run is the full variant (same recipe, data and seed): reuse it instead of retraining
+	@if [ ! -e $(EXP_DIR)/ablation/full ] && grep -qs '^name = "small"' $(DEMO_DIR)/run/recipe.resolved.toml; then \
+	  mkdir -p $(EXP_DIR)/ablation && cp -r $(DEMO_DIR)/run $(EXP_DIR)/ablation/full && echo "full variant: a copy of $(DEMO_DIR)/run"; fi
 	$(PY) -m unibrain_cli train --recipe recipes/ablation-A.toml --data $(SLICES) --out $(EXP_DIR)/ablation/A --resume
 	$(PY) -m unibrain_cli train --recipe recipes/ablation-B.toml --data $(SLICES) --out $(EXP_DIR)/ablation/B --resume
 	$(PY) -m unibrain_cli train --recipe recipes/ablation-C.toml --data $(SLICES) --out $(EXP_DIR)/ablation/C --resume
