@@ -316,3 +316,16 @@ def test_cli_runs_and_prints_tables(ckpt, slices, tmp_path):
                               "--baselines", "none", "--out", str(tmp_path / "E")])
     assert res.exit_code == 0, res.output
     assert "Table 1" in res.output and "bars_top1" in res.output and "s per case" in res.output
+
+
+def test_cli_steps_reach_the_sampler(ckpt, slices, tmp_path):
+    psnr = {}
+    for steps in ("1", "2"):
+        out = tmp_path / f"E{steps}"
+        res = runner.invoke(app, ["evaluate", "--ckpt", str(ckpt), "--data", str(slices), "--scenario", "t1",
+                                  "--thinking-tokens", "0", "--answer-tokens", "0", "--chain",
+                                  "--baselines", "none", "--steps", steps, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "eval.json").read_text())["sample_steps"] == int(steps)
+        psnr[steps] = pd.read_csv(out / "table2_cases.csv")["psnr"].to_numpy(dtype=float)
+    assert psnr["1"].size > 0 and psnr["1"].shape == psnr["2"].shape and not np.allclose(psnr["1"], psnr["2"])
