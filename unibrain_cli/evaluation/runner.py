@@ -381,6 +381,7 @@ class ModelEvaluator:
 
     def chain_images(self, case: EvalCase, inputs: tuple[str, ...], target: str, seeds: Sequence[int]) -> list[np.ndarray]:
         """Imputed ``target`` [S, S] from real ``inputs``, one per seed (memoised per case)."""
+        self._bind(case)  # a new case drops the memo before it is read
         s = self.settings
         out = []
         for seed in seeds:
