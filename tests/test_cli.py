@@ -75,3 +75,25 @@ def test_console_script_error_has_no_traceback():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "model.nope" in proc.stderr
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["impute", "--bogus"], ["No such option: --bogus", "impute --help"]),
+    (["evaluate", "--steps", "0"], ["'--steps'", "greater than or equal to 1", "evaluate --help"]),
+    (["impute", "--ensemble", "two"], ["'--ensemble'", "integer"]),
+    (["synth"], ["Missing argument 'OUT'", "synth --help"]),
+    (["train", "--recipe"], ["'--recipe' requires an argument"]),
+    (["imputee"], ["No such command 'imputee'"]),
+])
+def test_usage_errors_are_one_line_naming_the_flag(args, needles):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_bare_command_prints_the_help():
+    res = runner.invoke(app, [])
+    assert res.exit_code == 2 and "Usage" in res.output and "evaluate" in res.output

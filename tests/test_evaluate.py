@@ -274,6 +274,20 @@ def test_table1_first_target_is_the_table2_chain_image(ckpt, slices):
     assert np.allclose(memo, fresh[0], atol=1e-5) and not np.allclose(fresh[0], fresh[1])
 
 
+
+def test_chain_memo_never_crosses_cases(ckpt, slices):
+    """Imputing another case's chain with the same evaluator gives that case's image, not a memo hit."""
+    from unibrain_cli.inference.checkpoint import load_for_inference
+
+    cases, _ = R.load_cases(slices, "test")
+    a, b = [c for c in cases if {"t1", "t2"} <= set(c.present)][:2]
+    settings = R.Settings(thinking_tokens=0, answer_tokens=0)
+    ev = R.ModelEvaluator(load_for_inference(ckpt), settings)
+    first = ev.chain_images(a, ("t1",), "t2", [0])[0]
+    second = ev.chain_images(b, ("t1",), "t2", [0])[0]
+    fresh = R.ModelEvaluator(load_for_inference(ckpt), settings).chain_images(b, ("t1",), "t2", [0])[0]
+    assert np.allclose(second, fresh, atol=1e-5) and not np.allclose(first, second)
+
 # --------------------------------------------------------------------------- CLI errors
 
 runner = CliRunner()
@@ -316,3 +330,16 @@ def test_cli_runs_and_prints_tables(ckpt, slices, tmp_path):
                               "--baselines", "none", "--out", str(tmp_path / "E")])
     assert res.exit_code == 0, res.output
     assert "Table 1" in res.output and "bars_top1" in res.output and "s per case" in res.output
+
+
+def test_cli_steps_reach_the_sampler(ckpt, slices, tmp_path):
+    psnr = {}
+    for steps in ("1", "2"):
+        out = tmp_path / f"E{steps}"
+        res = runner.invoke(app, ["evaluate", "--ckpt", str(ckpt), "--data", str(slices), "--scenario", "t1",
+                                  "--thinking-tokens", "0", "--answer-tokens", "0", "--chain",
+                                  "--baselines", "none", "--steps", steps, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "eval.json").read_text())["sample_steps"] == int(steps)
+        psnr[steps] = pd.read_csv(out / "table2_cases.csv")["psnr"].to_numpy(dtype=float)
+    assert psnr["1"].size > 0 and psnr["1"].shape == psnr["2"].shape and not np.allclose(psnr["1"], psnr["2"])

@@ -79,6 +79,23 @@ def test_impute_success(ckpt, scans, tmp_path):
     assert meta["checkpoint"] == str(ckpt)
 
 
+
+def test_steps_flag_sets_the_sampler_and_changes_the_image(ckpt, scans, tmp_path):
+    def run(name: str, *extra: str) -> tuple[np.ndarray, dict]:
+        out = tmp_path / name
+        res = invoke("-q", "impute", "--have", f"t1={scans['t1']}", "--want", "t2", "--ckpt", ckpt,
+                     "--out", out, *extra)
+        assert res.exit_code == 0, res.output
+        return nib.load(str(out / "t2_imputed.nii.gz")).get_fdata(), json.loads((out / "impute.json").read_text())
+
+    default, meta_default = run("default")
+    again, _ = run("again")
+    one, meta_one = run("one", "--steps", "1")
+    assert meta_one["sampler"]["sample_steps"] == 1 and meta_default["sampler"]["sample_steps"] != 1
+    assert np.array_equal(default, again)  # same seed, same steps: the same image
+    assert not np.allclose(default, one)
+
+
 def test_case_folder_input(ckpt, scans, tmp_path):
     case = tmp_path / "sub01"
     case.mkdir()

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from unibrain_cli.cli.cmd_infer import CASE, CASE_ID, CKPT, DEVICE, HAVE, PREPARED, SEED
+from unibrain_cli.cli.cmd_infer import CASE, CASE_ID, CKPT, DEVICE, HAVE, PREPARED, SEED, STEPS
 from unibrain_cli.cli.common import command, emit_json
 
 
@@ -19,6 +19,7 @@ def diagnose(
     ckpt: Path | None = CKPT,
     impute: bool = typer.Option(True, "--impute/--no-impute", help="Impute missing modalities first."),
     seed: int = SEED,
+    steps: int | None = STEPS,
     device: str = DEVICE,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -31,7 +32,7 @@ def diagnose(
     from unibrain_cli.inference.inputs import resolve_inputs
 
     spec = resolve_inputs(have, case, prepared, case_id)
-    result = run_diagnose(spec, ckpt, impute=impute, seed=seed, device=device)
+    result = run_diagnose(spec, ckpt, impute=impute, seed=seed, device=device, steps=steps)
     if as_json:
         emit_json(result.to_dict())
     else:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from unibrain_cli.cli.cmd_infer import DEVICE, SEED
+from unibrain_cli.cli.cmd_infer import DEVICE, SEED, STEPS
 from unibrain_cli.cli.common import STATE, command, out
 
 
@@ -26,6 +26,7 @@ def evaluate(
     thinking_tokens: int = typer.Option(48, "--thinking-tokens", min=0, help="Bound on each thinking text."),
     answer_tokens: int = typer.Option(96, "--answer-tokens", min=0, help="Bound on the generated answer."),
     seed: int = SEED,
+    steps: int | None = STEPS,
     device: str = DEVICE,
     out_dir: Path | None = typer.Option(None, "--out", "-o", help="Evaluation output folder (empty unless --force)."),
     force: bool = typer.Option(False, "--force", help="Allow a non-empty --out (it is replaced)."),
@@ -41,7 +42,7 @@ def evaluate(
 
     result = run_evaluate(ckpt, data, out_dir, split=split, scenarios=scenario, chain=chain, ensemble=ensemble,
                           ablation=ablation, ratescore_models=ratescore_models, baselines=baselines,
-                          unet_steps=unet_steps, max_cases=max_cases, seed=seed, device=device,
+                          unet_steps=unet_steps, max_cases=max_cases, seed=seed, steps=steps, device=device,
                           progress=not STATE.quiet, force=force, thinking_tokens=thinking_tokens,
                           answer_tokens=answer_tokens)
     console = Console()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from unibrain_cli.cli.cmd_infer import CASE, CASE_ID, CKPT, DEVICE, HAVE, PREPARED, SEED
+from unibrain_cli.cli.cmd_infer import CASE, CASE_ID, CKPT, DEVICE, HAVE, PREPARED, SEED, STEPS
 from unibrain_cli.cli.common import STATE, command, out
 
 
@@ -21,6 +21,7 @@ def impute(
     slices: str = typer.Option("lesion", "--slices", help="lesion, all, or a number K of central slices."),
     ensemble: int = typer.Option(1, "--ensemble", min=1, help="Average N seeds and write a std-dev map."),
     seed: int = SEED,
+    steps: int | None = STEPS,
     device: str = DEVICE,
     force: bool = typer.Option(False, "--force", help="Allow a non-empty --out."),
 ) -> None:
@@ -33,7 +34,7 @@ def impute(
 
     spec = resolve_inputs(have, case, prepared, case_id)
     targets = parse_modality_list(want, "--want") or None
-    result = run_impute(spec, targets, ckpt, out_dir, slices=slices, ensemble=ensemble, seed=seed, device=device,
+    result = run_impute(spec, targets, ckpt, out_dir, slices=slices, ensemble=ensemble, seed=seed, device=device, steps=steps,
                         force=force, progress=not STATE.quiet)
     made = ", ".join(f for k, f in result.files.items() if f.endswith(".nii.gz"))
     out(f"[green]imputed[/] {made} ({len(result.slices)} slice(s)) -> {result.out}")

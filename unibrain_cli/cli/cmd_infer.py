@@ -1,4 +1,4 @@
-"""Shared options of `impute`, `diagnose` and `report` (inputs and checkpoint)."""
+"""Shared options of `impute`, `diagnose`, `report` and `evaluate` (inputs, checkpoint, sampler)."""
 
 from __future__ import annotations
 
@@ -13,5 +13,7 @@ CASE_ID = typer.Option(None, "--case-id", help="Case id inside --prepared.")
 CKPT = typer.Option(None, "--ckpt", help="A training run folder or a save_pretrained folder.")
 DEVICE = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
 SEED = typer.Option(0, "--seed", help="Random seed of the sampler.")
+STEPS = typer.Option(None, "--steps", min=1, help="Euler steps of the image sampler (default: the recipe's "
+                     "flow.sample_steps).")
 
-__all__ = ["HAVE", "CASE", "PREPARED", "CASE_ID", "CKPT", "DEVICE", "SEED", "Path"]
+__all__ = ["HAVE", "CASE", "PREPARED", "CASE_ID", "CKPT", "DEVICE", "SEED", "STEPS", "Path"]

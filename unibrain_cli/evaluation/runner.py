@@ -381,6 +381,7 @@ class ModelEvaluator:
 
     def chain_images(self, case: EvalCase, inputs: tuple[str, ...], target: str, seeds: Sequence[int]) -> list[np.ndarray]:
         """Imputed ``target`` [S, S] from real ``inputs``, one per seed (memoised per case)."""
+        self._bind(case)  # a new case drops the memo before it is read
         s = self.settings
         out = []
         for seed in seeds:
@@ -657,6 +658,7 @@ def evaluate(
     unet_steps: int = DEFAULT_UNET_STEPS,
     max_cases: int = 0,
     seed: int = 0,
+    steps: int | None = None,
     device: str = "cpu",
     progress: bool = False,
     force: bool = False,
@@ -673,6 +675,8 @@ def evaluate(
         raise UserError(f"must be >= 0 (0 = all cases), got {max_cases}", "--max-cases")
     if thinking_tokens < 0 or answer_tokens < 0:
         raise UserError("token bounds must be >= 0", "--thinking-tokens/--answer-tokens")
+    if steps is not None and steps < 1:
+        raise UserError(f"must be >= 1, got {steps}", "--steps")
     out_dir = check_out_dir(out, force)
     rate_reason = ratescore_unavailable_reason(ratescore_models)
     if data is None:
@@ -685,7 +689,7 @@ def evaluate(
 
     bundle = _load(variants["full"], device, size, data)
     recipe = bundle.recipe
-    settings = Settings(thinking_tokens, answer_tokens, None, seed)
+    settings = Settings(thinking_tokens, answer_tokens, steps, seed)
     with _progress(progress) as bar:
         task = bar.add_task("evaluate", total=len(cases)) if bar is not None else None
         main = evaluate_pass(ModelEvaluator(bundle, settings), cases, scen, chains, ensemble=ensemble,
@@ -749,7 +753,7 @@ def evaluate(
         "cases": len(cases), "case_ids": [c.case_id for c in cases],
         "scenarios": list(scen), "chains": list(chains), "ensemble": ensemble, "baselines": list(names),
         "seed": seed, "device": device, "thinking_tokens": thinking_tokens, "answer_tokens": answer_tokens,
-        "sample_steps": recipe.flow.sample_steps, "unet_steps": unet_steps if base.unets else None,
+        "sample_steps": steps or recipe.flow.sample_steps, "unet_steps": unet_steps if base.unets else None,
         "bootstrap": n_boot, "ratescore": rate_note,
         "cohorts": {
             "table1": {s: int(((frame1["scenario"] == s) & (frame1["method"] == METHOD_UNIFIED)).sum()) for s in scen},
