@@ -25,6 +25,8 @@ def test_probe_is_deterministic_and_context_sensitive(setup: tuple[Path, Path]) 
     assert a == b and a["n"] == 2
     assert all(math.isfinite(a[c]) and a[c] > 0 for c in ("own", "other", "none"))
     assert a["own"] != a["none"] and a["own"] != a["other"]  # the random model's velocity sees the image
+    psnrs = [a[f"psnr_{c}"] for c in ("own", "other", "none")]
+    assert all(math.isfinite(p) and 0 < p < 60 for p in psnrs) and len(set(psnrs)) == 3
 
 
 def test_probe_needs_two_slices(setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,7 +10,13 @@ three contexts, each followed by the evaluation instruction:
 - ``none``: no image at all.
 
 A model that uses its conditioning has ``own < other`` (and ``own < none``); a model that only
-learned an unconditional prior of the targets has all three about equal. Used to diagnose the
+learned an unconditional prior of the targets has all three about equal.
+
+The same question in image terms: ``psnr_<context>`` is the PSNR (dB, full field, [0, 1]) of the
+model's one-step estimate of the clean target from pure noise, ``x0 = eps - v(eps, t=1)`` decoded
+and zeroed outside the brain as imputation does (its conditional mean, the best a single image
+can score on PSNR; comparable with Table 2's full-field PSNR). ``psnr_own`` well above
+``psnr_other`` means the image it would generate depends on the input it was given. Used to diagnose the
 demo model (README); run it as
 
     python -m unibrain_cli.evaluation.probe RUN SLICES [--split test] [--input t1] [--target t2]
@@ -26,6 +32,7 @@ from pathlib import Path
 import torch
 
 from unibrain_cli.data import templates
+from unibrain_cli.evaluation.metrics import psnr
 from unibrain_cli.evaluation.slices_data import SliceDataset
 from unibrain_cli.inference.checkpoint import load_for_inference
 from unibrain_cli.inference.diagnose import engine_for
@@ -45,7 +52,8 @@ def conditioning_probe(
     max_slices: int = 12,
     seed: int = 0,
 ) -> dict[str, float | int]:
-    """Mean velocity MSE of ``target`` per context (see the module docstring) and ``n`` slices.
+    """Mean velocity MSE of ``target`` per context, the mean one-step PSNR per context
+    (``psnr_own`` ...; see the module docstring) and ``n`` slices.
 
     Evaluation slices (``is_eval``) of ``split`` that hold both modalities, at most ``max_slices``;
     needs at least 2 (the ``other`` context). Deterministic for a given ``seed``.
@@ -59,11 +67,15 @@ def conditioning_probe(
     si, ti = MODALITIES.index(src), MODALITIES.index(tgt)
     instruction = templates.instruction_for([src], tgt)
     g = torch.Generator().manual_seed(seed)
+    g_pure = torch.Generator().manual_seed(seed + 1)
     errors: dict[str, list[float]] = {c: [] for c in CONTEXTS}
+    scores: dict[str, list[float]] = {c: [] for c in CONTEXTS}
     for i in range(n):
         item, other = ds[i], ds[(i + 1) % n]
         x0 = engine.encode(torch.from_numpy(item["images"][ti])[None])[0].vae_tokens
         noise = [torch.randn(x0.shape, generator=g) for _ in times]
+        pure = torch.randn(x0.shape, generator=g_pure)
+        brain = torch.from_numpy(item["brain"].astype("float32"))
         images = {"own": item["images"][si], "other": other["images"][si], "none": None}
         for name in CONTEXTS:
             ctx = engine.new_context()
@@ -73,7 +85,10 @@ def conditioning_probe(
             for t, eps in zip(times, noise, strict=True):
                 v = engine.velocity(ctx, (1 - t) * x0 + t * eps, t)
                 errors[name].append(float(((v - (eps - x0)) ** 2).mean()))
-    return {**{c: sum(v) / len(v) for c, v in errors.items()}, "n": n}
+            mean = engine.decode([pure - engine.velocity(ctx, pure, 1.0)], engine.latent_grid)[0].float() * brain
+            scores[name].append(psnr(mean.clamp(0, 1).numpy(), item["images"][ti]))
+    return {**{c: sum(v) / len(v) for c, v in errors.items()},
+            **{f"psnr_{c}": sum(v) / len(v) for c, v in scores.items()}, "n": n}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
