@@ -34,8 +34,8 @@ def impute(
 
     spec = resolve_inputs(have, case, prepared, case_id)
     targets = parse_modality_list(want, "--want") or None
-    result = run_impute(spec, targets, ckpt, out_dir, slices=slices, ensemble=ensemble, seed=seed, device=device, steps=steps,
-                        force=force, progress=not STATE.quiet)
+    result = run_impute(spec, targets, ckpt, out_dir, slices=slices, ensemble=ensemble, seed=seed, steps=steps,
+                        device=device, force=force, progress=not STATE.quiet)
     made = ", ".join(f for k, f in result.files.items() if f.endswith(".nii.gz"))
     out(f"[green]imputed[/] {made} ({len(result.slices)} slice(s)) -> {result.out}")
 

@@ -16,8 +16,9 @@ The same question in image terms: ``psnr_<context>`` is the PSNR (dB, full field
 model's one-step estimate of the clean target from pure noise, ``x0 = eps - v(eps, t=1)`` decoded
 and zeroed outside the brain as imputation does (its conditional mean, the best a single image
 can score on PSNR; comparable with Table 2's full-field PSNR). ``psnr_own`` well above
-``psnr_other`` means the image it would generate depends on the input it was given. Used to diagnose the
-demo model (README); run it as
+``psnr_other`` means the image it would generate depends on the input it was given.
+
+Used to diagnose the demo model (README); run it as
 
     python -m unibrain_cli.evaluation.probe RUN SLICES [--split test] [--input t1] [--target t2]
 """
