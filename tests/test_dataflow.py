@@ -144,7 +144,9 @@ def test_every_plan_obeys_the_rules(record):
                 assert s.role in ("instruction", "thinking", "question", "answer")
             else:
                 assert s.loss == (s.view == "vae_noisy")
-                if s.view == "vae_noisy":
+                if s.view == "vae_noisy" and plan.task == "generation" and s.modality == targets[-1]:
+                    assert i == len(segs) - 1  # nothing follows the last generated target
+                elif s.view == "vae_noisy":
                     assert segs[i + 1] == ImageSegment(s.modality, "vae_clean", False)
                     assert segs[i + 2] == ImageSegment(s.modality, "vit", False)
         # no target appears before its generation; targets generated in order
@@ -267,7 +269,9 @@ def test_text_and_visual_dropout_rates_match_config():
         inputs_shown = [s for s in _images(pl) if s.modality in pl.start_modalities]
         assert len(inputs_shown) == 2 * len(pl.start_modalities) - len(pl.meta["dropped_views"]) >= 1
         # generated targets keep noisy + clean copies whatever the dropout
-        assert sum(s.modality in pl.targets for s in _images(pl)) == 3 * len(pl.targets)
+        # (the last target of a generation-only plan has no clean copy: nothing would read it)
+        trailing = 2 if pl.task == "generation" else 0
+        assert sum(s.modality in pl.targets for s in _images(pl)) == 3 * len(pl.targets) - trailing
 
 
 def test_full_visual_dropout_keeps_exactly_one_input_view():
@@ -334,7 +338,7 @@ def test_validate_plan_rejects_broken_plans():
                 thinking=False)
     no_clean = SamplePlan(segments=(ImageSegment("t1", "vae_clean", False), ImageSegment("t2", "vae_noisy", True),
                                     ImageSegment("t2", "vit", False)), **base)
-    with pytest.raises(ValueError, match="not followed by vae_clean"):
+    with pytest.raises(ValueError, match="not followed by vae_clean|nothing may read"):
         validate_plan(no_clean)
     early = SamplePlan(segments=(ImageSegment("t2", "vit", False),), **base)
     with pytest.raises(ValueError, match="before its generation"):
@@ -409,3 +413,19 @@ def test_findings_questions_are_asked_about_known_modalities_only():
                 known = {T.DISPLAY_NAMES[m] for m in (*pl.start_modalities, *pl.targets)}
                 assert label in known
     assert seen > 100
+
+
+def test_image_free_plans_hold_no_clean_image_and_generation_thinking_has_its_own_rate():
+    cfg = DataConfig(image_free_prob=0.5, generation_only_prob=1.0, impression_prob=0.0, diagnosis_prob=0.0,
+                     understanding_only_prob=0.0, generation_thinking_prob=0.0)
+    rng = np.random.default_rng(0)
+    plans = [build_plan(RECORDS[0], rng, cfg) for _ in range(200)]
+    free = [p for p in plans if p.meta["image_free"]]
+    assert 60 < len(free) < 140  # about half
+    for p in free:
+        validate_plan(p)
+        assert all(s.view == "vae_noisy" for s in _images(p))
+        assert [s.modality for s in _images(p)] == list(p.targets)
+    for p in plans:
+        assert not p.thinking and not _texts(p, "thinking")
+        assert p.meta["image_free"] or any(s.view != "vae_noisy" for s in _images(p))

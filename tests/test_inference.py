@@ -128,8 +128,8 @@ def test_cached_velocity_equals_full_forward_at_every_step(bundle):
     for e, ctx in zip((fast, slow), ctxs, strict=True):
         orig = e.velocity
 
-        def spy(c, x, t, _orig=orig, _e=e):
-            v = _orig(c, x, t)
+        def spy(c, x, t, target=None, _orig=orig, _e=e):
+            v = _orig(c, x, t, target)
             recorded[_e.cached].append(v)
             return v
 

@@ -25,6 +25,10 @@ class DataConfig:
     visual_dropout: float = 0.3  # conditioning dropout of clean context images
     understanding_only_prob: float = 0.15  # samples whose images enter as ViT only
     thinking_prob: float = 0.7  # samples with "thinking" text before each target
+    generation_thinking_prob: float = 0.7  # the same for generation-only samples (no Q&A tail)
+    # generation-only samples whose context holds NO image (inputs and generated targets' clean
+    # views all removed): the branch that image guidance (flow.cfg_img_scale) queries at inference
+    image_free_prob: float = 0.0
     generation_only_prob: float = 0.25  # task probabilities (remaining mass: impression/diagnosis/both)
     impression_prob: float = 0.25
     diagnosis_prob: float = 0.25
@@ -97,6 +101,11 @@ class ModelConfig:
     # the lowest-frequency quarter of each head by the token's normalised (row, col) in its image,
     # so position-matched tokens of two images align (text keeps exact 1D RoPE). See model/bagel.py.
     image_rope: Literal["1d", "2d"] = "1d"
+    # "off": BAGEL exactly. "on": every noisy target latent token also receives a zero-initialised
+    # projection of the same-position clean latents of the sample's earlier images, in fixed
+    # per-modality slots with presence bits (model/aligned.py). A small-scale substitute for
+    # BAGEL's pretraining, like image_rope = "2d".
+    aligned_context: Literal["off", "on"] = "off"
     attention_backend: AttentionBackend = "auto"
     tokenizer: Literal["bpe", "qwen2"] = "bpe"
     tokenizer_path: str = ""  # qwen2: local folder with tokenizer files

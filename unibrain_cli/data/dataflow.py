@@ -11,8 +11,15 @@ Sequence of an interleaved plan (``kind="interleaved"``)::
         instruction                   (loss False; text dropout)
         thinking                      (loss True, optional): planning sentence + findings
                                        of the modalities known so far
-        target: vae_noisy (flow loss) -> vae_clean -> vit   (clean copy for later tokens)
+        target: vae_noisy (flow loss) -> vae_clean -> vit   (clean copy for later tokens;
+                                                             not after the last target of a
+                                                             generation-only plan: nothing reads it)
     tail (task != "generation"): question (loss False) -> answer (loss True)
+
+Generation-only plans draw thinking with ``cfg.generation_thinking_prob`` (the others with
+``cfg.thinking_prob``), and with ``cfg.image_free_prob`` lose every clean image view (inputs and
+generated targets): the image-free context that image guidance (``flow.cfg_img_scale``) queries
+at inference, which the rescue of step 5 would otherwise never show in training.
 
 Understanding-only plans (``kind="understanding"``, the ablation "A") show images as ViT only,
 then question + answer. Self-alignment plans (``kind="self_alignment"``) are
@@ -90,8 +97,9 @@ class ImageSegment:
 
     ``view``: ``"vit"`` (understanding ViT tokens, clean), ``"vae_clean"`` (clean VAE latent
     tokens, context), ``"vae_noisy"`` (noised VAE latent tokens carrying the flow loss;
-    ``loss=True``). A noisy block is always followed immediately by its clean copy in
-    interleaved plans so that later tokens see the clean image.
+    ``loss=True``). A noisy block is followed immediately by its clean copy in interleaved plans
+    so that later tokens see the clean image — except the last target of a generation-only plan
+    (nothing follows it) and image-free plans (no clean view at all).
     """
 
     modality: str
@@ -318,7 +326,7 @@ def build_plan(record: Mapping[str, Any], rng: np.random.Generator, cfg: DataCon
         raise UserError("one modality and no impression or disease: nothing to generate or answer",
                         _where(record))
     task = _draw_task(rng, cfg, feasible)
-    thinking = bool(rng.random() < cfg.thinking_prob)
+    thinking = bool(rng.random() < (cfg.generation_thinking_prob if task == "generation" else cfg.thinking_prob))
 
     n = len(present)
     order = [present[i] for i in rng.permutation(n)]
@@ -350,14 +358,22 @@ def build_plan(record: Mapping[str, Any], rng: np.random.Generator, cfg: DataCon
             ImageSegment(target, "vit", loss=False),
         ]
         known.append(target)
+    image_free = False
     if task != "generation":
         segments += _findings_qa(rng, cfg, known, findings)
+    else:
+        # nothing reads the last target's clean views: they would only cost tokens
+        segments = segments[:-2]
+        if cfg.image_free_prob > 0 and rng.random() < cfg.image_free_prob:
+            image_free = True
+            segments = [s for s in segments if not (isinstance(s, ImageSegment) and s.view != "vae_noisy")]
     segments += _tail(task, rng, impression, diseases)
 
     meta = _meta(record) | {
         "dropped_views": tuple(dropped),
         "dropped_instructions": tuple(dropped_instructions),
         "rescued": rescued,
+        "image_free": image_free,
     }
     return SamplePlan(
         segments=tuple(segments),
@@ -437,7 +453,8 @@ def validate_plan(plan: SamplePlan) -> None:
 
     Rules: loss on text iff its role is in :data:`LOSS_ROLES`; loss on images iff
     ``vae_noisy``; targets disjoint from inputs; in interleaved plans each noisy block is
-    followed by ``vae_clean`` then ``vit`` of the same modality, and no image of a target
+    followed by ``vae_clean`` then ``vit`` of the same modality (none after the last target of a
+    generation-only plan, none at all in an image-free plan), and no image of a target
     appears before its noisy block; understanding-only plans have no VAE blocks and no
     targets; tasks other than ``"generation"`` end with question + answer; self-alignment
     plans are exactly ``[vit, prompt, vae_noisy]`` of one modality.
@@ -470,8 +487,12 @@ def validate_plan(plan: SamplePlan) -> None:
                 raise ValueError(f"segment {i}: target {s.modality} appears before its generation")
             nxt = segs[i + 1 : i + 3]
             want = [ImageSegment(s.modality, "vae_clean", False), ImageSegment(s.modality, "vit", False)]
-            if list(nxt) != want:
+            last = plan.task == "generation" and s.modality == plan.targets[-1]
+            if list(nxt) != want and not (last or plan.meta.get("image_free")):
                 raise ValueError(f"segment {i}: noisy {s.modality} is not followed by vae_clean + vit")
+            if (last or plan.meta.get("image_free")) and nxt and isinstance(nxt[0], ImageSegment) \
+                    and nxt[0].view != "vae_noisy":
+                raise ValueError(f"segment {i}: noisy {s.modality} has clean views nothing may read")
             generated.append(s.modality)
         elif s.view == "vae_noisy":
             raise ValueError(f"segment {i}: noisy block of {s.modality}, which is not a pending target")

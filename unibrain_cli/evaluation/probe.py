@@ -73,7 +73,7 @@ def conditioning_probe(
     scores: dict[str, list[float]] = {c: [] for c in CONTEXTS}
     for i in range(n):
         item, other = ds[i], ds[(i + 1) % n]
-        x0 = engine.encode(torch.from_numpy(item["images"][ti])[None])[0].vae_tokens
+        x0 = engine.encode(torch.from_numpy(item["images"][ti])[None], [tgt])[0].vae_tokens
         noise = [torch.randn(x0.shape, generator=g) for _ in times]
         pure = torch.randn(x0.shape, generator=g_pure)
         brain = torch.from_numpy(item["brain"].astype("float32"))
@@ -81,12 +81,12 @@ def conditioning_probe(
         for name in CONTEXTS:
             ctx = engine.new_context()
             if images[name] is not None:
-                engine.add_images(ctx, engine.encode(torch.from_numpy(images[name])[None]))
+                engine.add_images(ctx, engine.encode(torch.from_numpy(images[name])[None], [src]))
             engine.add_text(ctx, instruction)
             for t, eps in zip(times, noise, strict=True):
-                v = engine.velocity(ctx, (1 - t) * x0 + t * eps, t)
+                v = engine.velocity(ctx, (1 - t) * x0 + t * eps, t, tgt)
                 errors[name].append(float(((v - (eps - x0)) ** 2).mean()))
-            mean = engine.decode([pure - engine.velocity(ctx, pure, 1.0)], engine.latent_grid)[0].float() * brain
+            mean = engine.decode([pure - engine.velocity(ctx, pure, 1.0, tgt)], engine.latent_grid)[0].float() * brain
             scores[name].append(psnr(mean.clamp(0, 1).numpy(), item["images"][ti]))
     return {**{c: sum(v) / len(v) for c, v in errors.items()},
             **{f"psnr_{c}": sum(v) / len(v) for c, v in scores.items()}, "n": n}

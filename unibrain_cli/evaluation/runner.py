@@ -307,7 +307,7 @@ class ModelEvaluator:
             mods = [m for m in case.present if m in self.known]
             if mods:
                 stack = torch.from_numpy(np.stack([case.image(m) for m in mods]))
-                self._encoded = dict(zip(mods, self.engine.encode(stack), strict=True))
+                self._encoded = dict(zip(mods, self.engine.encode(stack, mods), strict=True))
         return self._encoded
 
     def start(self, case: EvalCase, inputs: tuple[str, ...]) -> GuidedContexts:
@@ -322,7 +322,7 @@ class ModelEvaluator:
         """A fresh context with ``mods`` (canonical order) as ``views``; ``replace`` swaps in other slices."""
         enc = dict(self.encoded(case))
         for m, img in (replace or {}).items():
-            enc[m] = self.engine.encode(torch.from_numpy(np.asarray(img, np.float32))[None])[0]
+            enc[m] = self.engine.encode(torch.from_numpy(np.asarray(img, np.float32))[None], [m])[0]
         ctx = self.engine.new_context()
         self.engine.add_images(ctx, [enc[m] for m in canonical(mods)], views)  # type: ignore[arg-type]
         return ctx

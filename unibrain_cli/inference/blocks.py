@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from unibrain_cli.config.components import ModelConfig
+from unibrain_cli.modalities import MODALITIES
 from unibrain_cli.model.embeddings import patchify_latent, unpatchify_latent
 from unibrain_cli.model.packing import SequenceBuilder
 from unibrain_cli.model.vae import AutoEncoder
@@ -58,12 +59,15 @@ class EncodedImage:
         vae_grid: (rows, cols) of the latent-token grid.
         vit_patches: [n_vit, patch*patch*C] ViT inputs in [-1, 1].
         vit_grid: (rows, cols) of the ViT patch grid.
+        modality: index of its modality in ``MODALITIES`` (``model.aligned_context`` slot), -1
+            when unknown.
     """
 
     vae_tokens: Tensor
     vae_grid: tuple[int, int]
     vit_patches: Tensor
     vit_grid: tuple[int, int]
+    modality: int = -1
 
 
 def image_markers(tokenizer: TokenizerLike) -> tuple[int, int]:
@@ -141,14 +145,24 @@ def image_to_vit_patches(image: Tensor, cfg: ModelConfig) -> tuple[Tensor, tuple
     return patches, (side // p, side // p)
 
 
-def encode_images(vae: AutoEncoder, images: Tensor, cfg: ModelConfig) -> list[EncodedImage]:
-    """Slices [B, H, W] in [0, 1] -> both views of each (VAE encode batched)."""
+def encode_images(vae: AutoEncoder, images: Tensor, cfg: ModelConfig,
+                  modalities: Sequence[str | None] | None = None) -> list[EncodedImage]:
+    """Slices [B, H, W] in [0, 1] -> both views of each (VAE encode batched); ``modalities``
+    (canonical names, one per slice) tags each with its modality slot."""
     vae_tokens, vae_grid = images_to_vae_tokens(vae, images, cfg)
+    if modalities is not None and len(modalities) != len(vae_tokens):
+        raise ValueError(f"{len(vae_tokens)} slices but {len(modalities)} modalities")
     out = []
-    for img, tok in zip(images, vae_tokens, strict=True):
+    for i, (img, tok) in enumerate(zip(images, vae_tokens, strict=True)):
         patches, vit_grid = image_to_vit_patches(img, cfg)
-        out.append(EncodedImage(tok, vae_grid, patches.to(tok.device), vit_grid))
+        out.append(EncodedImage(tok, vae_grid, patches.to(tok.device), vit_grid,
+                                modality_slot(modalities[i] if modalities is not None else None)))
     return out
+
+
+def modality_slot(modality: str | None) -> int:
+    """Index of a canonical modality in ``MODALITIES`` (-1 for None)."""
+    return -1 if modality is None else MODALITIES.index(modality)
 
 
 @torch.no_grad()
@@ -179,13 +193,13 @@ def add_image(
             e.g. ``x_t``, else the clean tokens, which the trainer noises later).
     """
     if view == "vit":
-        builder.add_vit_image(image.vit_grid, patches=image.vit_patches)
+        builder.add_vit_image(image.vit_grid, patches=image.vit_patches, modality=image.modality)
     elif view == "vae_clean":
-        builder.add_vae_image(image.vae_grid, noisy=False, latents=image.vae_tokens)
+        builder.add_vae_image(image.vae_grid, noisy=False, latents=image.vae_tokens, modality=image.modality)
     elif view == "vae_noisy":
         if timestep is None:
             raise ValueError("a vae_noisy view needs its timestep")
         builder.add_vae_image(image.vae_grid, noisy=True, timestep=timestep,
-                              latents=image.vae_tokens if latents is None else latents)
+                              latents=image.vae_tokens if latents is None else latents, modality=image.modality)
     else:
         raise ValueError(f"unknown image view {view!r}; expected vit, vae_clean or vae_noisy")

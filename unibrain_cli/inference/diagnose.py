@@ -97,7 +97,8 @@ def diagnose(
         ctx = res.contexts.cond
     else:
         ctx = engine.new_context()
-        engine.add_images(ctx, engine.encode(torch.stack(list(slice_inputs.values()))), UNDERSTANDING_VIEWS)
+        engine.add_images(ctx, engine.encode(torch.stack(list(slice_inputs.values())), list(slice_inputs)),
+                          UNDERSTANDING_VIEWS)
     scores = diagnosis_scores(engine, ctx, DISEASES)
     probs = softmax_scores(scores)
     best = max(probs, key=lambda c: probs[c])

@@ -47,6 +47,7 @@ from unibrain_cli.inference.blocks import (
     encode_images,
     image_markers,
     latent_tokens_to_images,
+    modality_slot,
     wrap_text,
 )
 from unibrain_cli.model.bagel import UniBrainModel, sample_token
@@ -213,11 +214,12 @@ class Engine:
         """Append images (each with ``views``, in order) as one block."""
         self._append(ctx, [_Seg(image=img, views=tuple(views)) for img in images])
 
-    def encode(self, images: Tensor) -> list[EncodedImage]:
-        """Slices [B, S, S] in [0, 1] -> both views of each."""
+    def encode(self, images: Tensor, modalities: Sequence[str | None] | None = None) -> list[EncodedImage]:
+        """Slices [B, S, S] in [0, 1] -> both views of each (``modalities``: canonical name of each
+        slice, read by ``model.aligned_context``)."""
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"slices must be {self.image_size}x{self.image_size}, got {tuple(images.shape[-2:])}")
-        return encode_images(self.vae, images, self.cfg)
+        return encode_images(self.vae, images, self.cfg, modalities)
 
     def decode(self, tokens: Sequence[Tensor], grid: tuple[int, int]) -> Tensor:
         """Latent tokens -> slices [B, S, S] in [0, 1]."""
@@ -231,13 +233,15 @@ class Engine:
     # -- queries --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def velocity(self, ctx: Context, x: Tensor, t: float) -> Tensor:
-        """Velocity [n, latent_dim] (float32) of noisy latent tokens ``x`` at flow time ``t`` after ``ctx``."""
+    def velocity(self, ctx: Context, x: Tensor, t: float, target: str | None = None) -> Tensor:
+        """Velocity [n, latent_dim] (float32) of noisy latent tokens ``x`` at flow time ``t`` after
+        ``ctx``; ``target``: the modality being generated (its aligned-context slot stays empty)."""
         grid = self.latent_grid
         xt = x.to(self.model.device)
+        slot = modality_slot(target)
 
         def noisy(b: SequenceBuilder) -> None:
-            b.add_vae_image(grid, noisy=True, timestep=float(t), latents=xt)
+            b.add_vae_image(grid, noisy=True, timestep=float(t), latents=xt, modality=slot)
 
         if ctx.cache is not None:
             b = self.builder()
@@ -315,15 +319,17 @@ class Engine:
         self.add_images(ctx.text_uncond, inputs, views)
         return ctx
 
-    def sample_latents(self, ctx: GuidedContexts, noise: Tensor, steps: int | None = None) -> Tensor:
-        """Rectified-flow sampling of one image from ``noise`` [n, latent_dim] (t = 1) to t = 0."""
+    def sample_latents(self, ctx: GuidedContexts, noise: Tensor, steps: int | None = None,
+                       target: str | None = None) -> Tensor:
+        """Rectified-flow sampling of one image of modality ``target`` from ``noise`` [n, latent_dim]
+        (t = 1) to t = 0."""
         f = self.flow
 
         def velocity_fn(x: Tensor, t: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
             need_text, need_img = cfg_active(t, f.cfg_text_scale, f.cfg_img_scale, tuple(f.cfg_interval))
-            v_c = self.velocity(ctx.cond, x, t)
-            v_t = self.velocity(ctx.text_uncond, x, t) if need_text and ctx.text_uncond is not None else None
-            v_i = self.velocity(ctx.img_uncond, x, t) if need_img and ctx.img_uncond is not None else None
+            v_c = self.velocity(ctx.cond, x, t, target)
+            v_t = self.velocity(ctx.text_uncond, x, t, target) if need_text and ctx.text_uncond is not None else None
+            v_i = self.velocity(ctx.img_uncond, x, t, target) if need_img and ctx.img_uncond is not None else None
             return v_c, v_t, v_i
 
         return sample(
@@ -399,11 +405,11 @@ def generate_modality(
         thought = engine.generate(ctx.cond, [bos], thinking_tokens)
         closed = [bos, *thought] if thought and thought[-1] == engine.tokenizer.eos_id else [bos, *thought, engine.tokenizer.eos_id]
         engine.add_ids(ctx.img_uncond, closed)
-    latents = engine.sample_latents(ctx, engine.noise(generator), steps)
+    latents = engine.sample_latents(ctx, engine.noise(generator), steps, target)
     image = engine.decode([latents], engine.latent_grid)[0]
     if brain is not None:
         image = image * brain.to(image)
-    enc = engine.encode(image[None])[0]
+    enc = engine.encode(image[None], [target])[0]
     engine.add_images(ctx.cond, [enc])
     engine.add_images(ctx.text_uncond, [enc])
     text = engine.decode_text([i for i in thought if i != engine.tokenizer.eos_id])
@@ -460,7 +466,7 @@ def impute_chain(
         steps: Euler steps (default: the sampler config's).
     """
     if start is None:
-        encoded = engine.encode(torch.stack([inputs[m].float() for m in inputs]))
+        encoded = engine.encode(torch.stack([inputs[m].float() for m in inputs]), list(inputs))
         ctx = engine.start(encoded)
     else:
         ctx = start.fork()

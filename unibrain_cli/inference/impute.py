@@ -182,7 +182,7 @@ def run_slices(
         for i in range(k_count):
             slice_inputs = {m: torch.from_numpy(v[i]) for m, v in images.items()}
             mask = torch.from_numpy(brain[i].astype(np.float32))
-            start = engine.start(engine.encode(torch.stack(list(slice_inputs.values()))))
+            start = engine.start(engine.encode(torch.stack(list(slice_inputs.values())), list(slice_inputs)))
             for j, s in enumerate(seeds):
                 first = i == 0 and j == 0
                 res = impute_chain(engine, slice_inputs, targets, seed=s, thinking_tokens=thinking_tokens,

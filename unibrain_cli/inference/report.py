@@ -85,7 +85,7 @@ def report(
     images, _, k = representative_slice(case, bundle.image_size)
     engine = engine_for(bundle)
     ctx = engine.new_context()
-    engine.add_images(ctx, engine.encode(torch.stack([torch.from_numpy(v) for v in images.values()])))
+    engine.add_images(ctx, engine.encode(torch.stack([torch.from_numpy(v) for v in images.values()]), list(images)))
     limit = bundle.recipe.data.max_text_tokens if max_tokens is None else max_tokens
     findings = {m: generate_findings(engine, ctx, m, limit) for m in images}
     return Report(findings, generate_impression(engine, ctx, limit), k, seed)

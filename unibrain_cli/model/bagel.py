@@ -11,7 +11,9 @@ reads). Top-level modules and their BAGEL state-dict names:
   plus a fixed 2D sin-cos table (non-persistent);
 - ``vae2llm`` (latent token -> hidden), ``time_embedder`` (flow time t in [0, 1]),
   ``latent_pos_embed`` (fixed 2D sin-cos table, non-persistent), ``llm2vae`` (hidden -> velocity,
-  zero-initialised).
+  zero-initialised);
+- ``aligned_context`` (only with ``model.aligned_context = "on"``, not a BAGEL tensor):
+  :class:`~unibrain_cli.model.aligned.AlignedContext`, zero-initialised.
 
 Embedding of a :class:`~unibrain_cli.model.packing.PackedSequence`:
 text -> ``embed_tokens``; ViT patches -> ViT -> connector + ``vit_pos_embed``; latent tokens ->
@@ -32,10 +34,12 @@ from torch import Tensor, nn
 
 from unibrain_cli.config.components import ModelConfig
 from unibrain_cli.config.validate import validate_model_config
+from unibrain_cli.modalities import MODALITIES
+from unibrain_cli.model.aligned import AlignedContext, clean_slot_images
 from unibrain_cli.model.attention import MODE_NOISE
 from unibrain_cli.model.decoder import MoTLanguageModel, Routing
 from unibrain_cli.model.embeddings import MLPconnector, PositionEmbedding, TimestepEmbedder
-from unibrain_cli.model.kv_cache import KVCache
+from unibrain_cli.model.kv_cache import KVCache, SlotImage
 from unibrain_cli.model.packing import PackedSequence, SequenceBuilder
 from unibrain_cli.model.vit import SiglipVisionModel
 
@@ -95,6 +99,9 @@ class UniBrainModel(nn.Module):
         self.llm2vae = nn.Linear(hidden, latent_dim(cfg))
         self.time_embedder = TimestepEmbedder(hidden, cfg.timestep_freq_dim)
         self.latent_pos_embed = PositionEmbedding(cfg.max_latent_size, hidden)
+        self.aligned_context: AlignedContext | None = None
+        if cfg.aligned_context == "on":
+            self.aligned_context = AlignedContext(len(MODALITIES), latent_dim(cfg), hidden)
         self.language_model.model.activation_checkpointing = cfg.activation_checkpointing
         self.reset_parameters()
 
@@ -124,7 +131,22 @@ class UniBrainModel(nn.Module):
                 nn.init.normal_(m.weight, std=m.in_features ** -0.5)
         nn.init.zeros_(self.llm2vae.weight)
         nn.init.zeros_(self.llm2vae.bias)
+        if self.aligned_context is not None:
+            self.aligned_context.reset_parameters()
         self.language_model.init_generation_expert()
+
+    def set_aligned_context(self, mode: str) -> None:
+        """Switch ``model.aligned_context`` on a built model: ``"on"`` adds a zero-initialised
+        :class:`AlignedContext` when there is none (e.g. after loading a BAGEL folder: outputs are
+        unchanged until it is trained), ``"off"`` removes it."""
+        if mode == "on" and self.aligned_context is None:
+            p = self.vae2llm.weight
+            module = AlignedContext(len(MODALITIES), self.latent_dim, self.config.llm.hidden_size)
+            self.aligned_context = module.to(device=p.device, dtype=p.dtype)
+        elif mode == "off":
+            self.aligned_context = None
+        elif mode != "on":
+            raise ValueError(f"aligned_context must be 'off' or 'on', got {mode!r}")
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -169,11 +191,13 @@ class UniBrainModel(nn.Module):
 
     # -- embedding ----------------------------------------------------------------------------
 
-    def embed(self, packed: PackedSequence) -> Tensor:
+    def embed(self, packed: PackedSequence, prior: Sequence[SlotImage] = ()) -> Tensor:
         """Input embeddings of a pack: [N, hidden] in the model dtype.
 
         Text rows: ``embed_tokens``; ViT rows: connector(ViT(patches)) + vit_pos_embed; VAE rows:
-        vae2llm(latents) + time_embedder(t) + latent_pos_embed.
+        vae2llm(latents) + time_embedder(t) + latent_pos_embed; with ``aligned_context`` noisy VAE
+        rows also get the aligned projection of the earlier clean images (``prior``: those of a
+        cached context, see :mod:`unibrain_cli.model.aligned`).
         """
         dtype = self.dtype
         h = torch.zeros(packed.length, self.config.llm.hidden_size, dtype=dtype, device=packed.device)
@@ -198,6 +222,9 @@ class UniBrainModel(nn.Module):
                 + self.time_embedder(packed.vae_timesteps)
                 + self.latent_pos_embed(packed.vae_position_ids)
             )
+            if self.aligned_context is not None and bool(packed.vae_noisy.any()):
+                noisy = packed.noisy_vae_rows
+                emb = emb.index_add(0, noisy, self.aligned_context(packed, prior).to(emb.dtype))
             h = h.index_put((packed.vae_indexes,), emb.to(dtype))
         return h
 
@@ -299,7 +326,7 @@ class UniBrainModel(nn.Module):
         """
         if block.num_samples != 1:
             raise ValueError(f"a cached block must hold exactly one sample, got {block.num_samples}")
-        h = self.embed(block)
+        h = self.embed(block, cache.images)
         route = Routing(block.und_indexes, block.gen_indexes, block.length)
         mask = block.mask_info(prefix_len=cache.length)
         positions = block.position_ids + cache.next_position
@@ -308,7 +335,8 @@ class UniBrainModel(nn.Module):
         if update:
             noise_rows = mask.q_mode == MODE_NOISE
             keep = None if not bool(noise_rows.any()) else (~noise_rows).nonzero().flatten()
-            cache.append(present, keep, block.sample_next_positions[0])
+            images = clean_slot_images(block) if self.aligned_context is not None else ()
+            cache.append(present, keep, block.sample_next_positions[0], images)
         return self._heads(block, hidden, logits_at, velocity_at)
 
     def prefill(self, cache: KVCache, block: PackedSequence, backend: str | None = None) -> ModelOutput:

@@ -18,12 +18,15 @@ Operations (driven by ``UniBrainModel.forward_cached`` and friends):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 KV = tuple[Tensor, Tensor]
+#: (modality slot, latent grid, latents [T, D]): see ``unibrain_cli.model.aligned``.
+SlotImage = tuple[int, tuple[int, int], Tensor]
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class CacheSnapshot:
     layers: tuple[KV, ...]
     length: int
     next_position: int
+    images: tuple[SlotImage, ...] = ()
 
 
 class KVCache:
@@ -47,6 +51,8 @@ class KVCache:
         layers: per layer (k, v), each [length, Hkv, D] (empty list until the first append).
         length: cached tokens L.
         next_position: RoPE position the next block starts at.
+        images: the clean VAE images of the cached context that carry a modality slot, oldest
+            first (``model.aligned_context`` reads them; recorded only when it is on).
     """
 
     def __init__(self, num_layers: int, detach: bool = True) -> None:
@@ -55,6 +61,7 @@ class KVCache:
         self.layers: list[KV] = []
         self.length = 0
         self.next_position = 0
+        self.images: tuple[SlotImage, ...] = ()
 
     def __repr__(self) -> str:
         return f"KVCache(num_layers={self.num_layers}, length={self.length}, next_position={self.next_position})"
@@ -63,14 +70,19 @@ class KVCache:
         """Per-layer (k, v) for the decoder, or None when empty."""
         return list(self.layers) if self.length else None
 
-    def append(self, present: list[KV], keep: Tensor | None, advance: int) -> None:
+    def append(self, present: list[KV], keep: Tensor | None, advance: int,
+               images: Sequence[SlotImage] = ()) -> None:
         """Store a block's keys/values.
 
         Args:
             present: per layer the block's (k, v), each [n, Hkv, D].
             keep: long [m] rows of the block to store (its non-noise tokens), or None = all.
             advance: how far the block moved the RoPE position counter.
+            images: the block's clean slot images (appended to :attr:`images`).
         """
+        if images:
+            self.images = self.images + tuple(
+                (slot, grid, lat.detach() if self.detach else lat) for slot, grid, lat in images)
         if len(present) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} layers of keys/values, got {len(present)}")
         if keep is not None:
@@ -90,13 +102,14 @@ class KVCache:
 
     def snapshot(self) -> CacheSnapshot:
         """The current state, O(1): later appends never change it."""
-        return CacheSnapshot(tuple(self.layers), self.length, self.next_position)
+        return CacheSnapshot(tuple(self.layers), self.length, self.next_position, self.images)
 
     def restore(self, snap: CacheSnapshot) -> None:
         """Return to a snapshot taken from this cache (or any cache of the same depth)."""
         self.layers = list(snap.layers)
         self.length = snap.length
         self.next_position = snap.next_position
+        self.images = snap.images
 
     def fork(self) -> KVCache:
         """An independent cache starting from this state (shares the tensors, copies nothing)."""

@@ -90,6 +90,8 @@ class ImageSpan:
         token_start: first row of this image among the pack's ViT tokens (kind vit) or VAE
             tokens (kind vae); ``num_tokens`` rows follow.
         position: its RoPE position.
+        modality: modality slot of the image (index in ``unibrain_cli.modalities.MODALITIES``),
+            -1 when unknown (read only by ``model.aligned_context``).
     """
 
     kind: Literal["vit", "vae"]
@@ -101,6 +103,7 @@ class ImageSpan:
     token_start: int
     num_tokens: int
     position: int
+    modality: int = -1
 
 
 @dataclass
@@ -333,6 +336,7 @@ class SequenceBuilder:
         timestep: float,
         data: Tensor | None,
         side: int,
+        modality: int = -1,
     ) -> ImageSpan:
         pos_ids = grid_position_ids(grid_hw, side)
         n = int(pos_ids.numel())
@@ -370,7 +374,7 @@ class SequenceBuilder:
         span = ImageSpan(
             kind=kind, grid_hw=(int(grid_hw[0]), int(grid_hw[1])), noisy=mode == "noise", timestep=timestep,
             sample=self._sample, split=len(self.split_lens), token_start=token_start, num_tokens=n,
-            position=position,
+            position=position, modality=int(modality),
         )
         self.images.append(span)
         self._close_split(self.num_tokens - start, mode)
@@ -378,14 +382,15 @@ class SequenceBuilder:
             self._position += 1
         return span
 
-    def add_vit_image(self, grid_hw: tuple[int, int], patches: Tensor | None = None) -> ImageSpan:
+    def add_vit_image(self, grid_hw: tuple[int, int], patches: Tensor | None = None, modality: int = -1) -> ImageSpan:
         """Append a ViT image split (mode ``full``).
 
         Args:
             grid_hw: patch grid (rows, cols) = (H / patch, W / patch).
             patches: optional [rows*cols, p*p*C] ViT inputs (row-major, from ``vit.patchify``).
+            modality: modality slot (:attr:`ImageSpan.modality`), -1 when unknown.
         """
-        return self._add_image("vit", grid_hw, "full", 0.0, patches, self.vit_side)
+        return self._add_image("vit", grid_hw, "full", 0.0, patches, self.vit_side, modality)
 
     def add_vae_image(
         self,
@@ -393,6 +398,7 @@ class SequenceBuilder:
         noisy: bool = False,
         timestep: float | None = None,
         latents: Tensor | None = None,
+        modality: int = -1,
     ) -> ImageSpan:
         """Append a VAE image split: clean (mode ``full``) or a noisy target (mode ``noise``).
 
@@ -404,13 +410,14 @@ class SequenceBuilder:
                 trainer may overwrite it later with :meth:`PackedSequence.with_vae_timesteps`).
             latents: optional [rows*cols, p*p*z] latent tokens (for noisy images: the clean
                 x0 or already-noised x_t — the model embeds whatever is here).
+            modality: modality slot (:attr:`ImageSpan.modality`), -1 when unknown.
         """
         if noisy and timestep is None:
             raise ValueError("a noisy VAE image needs its timestep")
         t = float(timestep) if noisy else 0.0
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"timestep must lie in [0, 1], got {t}")
-        return self._add_image("vae", grid_hw, "noise" if noisy else "full", t, latents, self.latent_side)
+        return self._add_image("vae", grid_hw, "noise" if noisy else "full", t, latents, self.latent_side, modality)
 
     def next_sample(self) -> None:
         """Close the current sample; the next split starts a new one (positions restart at 0)."""

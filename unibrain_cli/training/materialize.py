@@ -49,6 +49,7 @@ from unibrain_cli.config.components import ModelConfig
 from unibrain_cli.data.dataflow import ImageSegment, SamplePlan, TextSegment
 from unibrain_cli.flow.objective import flow_loss, interpolate, velocity_target
 from unibrain_cli.inference.blocks import images_to_vae_tokens, latent_tokens_to_images, vit_side, wrap_text
+from unibrain_cli.modalities import MODALITIES
 from unibrain_cli.model.packing import PackedSequence, SequenceBuilder
 from unibrain_cli.model.vae import AutoEncoder
 
@@ -197,6 +198,8 @@ class ImageItem:
         slot: for a noisy image, its index among the micro-batch's noisy images (noise, time);
             for a clean view of a generated target, the slot that generated it; else -1.
         sa: the noisy image belongs to a self-alignment sample.
+        modality: index of the image's modality in ``MODALITIES`` (the slot of
+            ``model.aligned_context``), -1 when unknown.
     """
 
     kind: Literal["vit", "vae"]
@@ -204,6 +207,7 @@ class ImageItem:
     image: int
     slot: int = -1
     sa: bool = False
+    modality: int = -1
 
 
 Item = TextItem | ImageItem
@@ -236,14 +240,15 @@ def plan_items(
             continue
         assert isinstance(seg, ImageSegment)
         pix = pixel_index(seg.modality)
+        mod = MODALITIES.index(seg.modality)
         if seg.view == "vae_noisy":
-            items.append(ImageItem("vae", True, pix, slot, sa))
+            items.append(ImageItem("vae", True, pix, slot, sa, mod))
             generated[seg.modality] = slot
             slot += 1
         else:
             kind: Literal["vit", "vae"] = "vit" if seg.view == "vit" else "vae"
             gen = -1 if sa else generated.get(seg.modality, -1)
-            items.append(ImageItem(kind, False, pix, gen))
+            items.append(ImageItem(kind, False, pix, gen, modality=mod))
     return items, slot
 
 
@@ -264,11 +269,11 @@ def add_items(builder: SequenceBuilder, items: Sequence[Item], geom: ImageGeomet
             else:
                 builder.add_text(it.ids)
         elif it.kind == "vit":
-            builder.add_vit_image(geom.vit_grid, patches=vit_data(it) if vit_data else None)
+            builder.add_vit_image(geom.vit_grid, patches=vit_data(it) if vit_data else None, modality=it.modality)
         else:
             t = float(timesteps[it.slot]) if it.noisy else None
             builder.add_vae_image(geom.latent_grid, noisy=it.noisy, timestep=t,
-                                  latents=vae_data(it) if vae_data else None)
+                                  latents=vae_data(it) if vae_data else None, modality=it.modality)
 
 
 # ---------------------------------------------------------------------------------------------

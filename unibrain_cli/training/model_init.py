@@ -135,7 +135,10 @@ def _vae_arch_mismatch(a: VAEConfig, b: VAEConfig) -> list[str]:
 
 
 def adopt_config(model: UniBrainModel, cfg: ModelConfig) -> UniBrainModel:
-    """Give a loaded model the run's config (same layout; runtime fields and vae factors from ``cfg``)."""
+    """Give a loaded model the run's config (same layout; runtime fields and vae factors from ``cfg``;
+    ``aligned_context = "on"`` adds the zero-initialised aligned path to a model without it, e.g. a
+    BAGEL-7B-MoT folder)."""
+    model.set_aligned_context(cfg.aligned_context)
     model.config = cfg
     model.language_model.model.activation_checkpointing = cfg.activation_checkpointing
     return model

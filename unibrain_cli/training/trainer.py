@@ -332,6 +332,7 @@ def run_stage(
         bar.start()
         bar_task = bar.add_task(f"{stage.name}", total=stage.steps, completed=step, terms="", speed="")
     window_tokens, window_start, t0 = 0, time.perf_counter(), time.perf_counter()
+    window_flow, window_steps = 0, 0  # flow-loss (generation + self-alignment) target tokens
     try:
         while step < stage.steps:
             loss_sum, terms_sum = 0.0, {}
@@ -339,6 +340,8 @@ def run_stage(
             for _ in range(stage.grad_accum):
                 batches.append(task.next_batch(position, generator))
                 position += 1
+            window_flow += sum(int(c.get("flow", 0)) + int(c.get("sa", 0)) for c in map(task.loss_counts, batches))
+            window_steps += 1
             norm = global_loss_norm(task, batches, accelerator)
             while batches:
                 batch = send_to_device(batches.pop(0), accelerator.device)
@@ -362,7 +365,7 @@ def run_stage(
                 point = _ResumePoint(step, position, generator.get_state())
             if step % max(1, train.log_every) == 0 or step == stage.steps:
                 names = sorted(terms_sum)
-                vals = torch.tensor([loss_sum, *(terms_sum[k] for k in names), float(window_tokens)],
+                vals = torch.tensor([loss_sum, *(terms_sum[k] for k in names), float(window_flow), float(window_tokens)],
                                     dtype=torch.float64, device=accelerator.device)
                 vals = accelerator.reduce(vals, "sum") if accelerator.num_processes > 1 else vals
                 world = accelerator.num_processes
@@ -372,12 +375,16 @@ def run_stage(
                           "terms": {k: float(vals[1 + i]) / world for i, k in enumerate(names)},
                           "lr": lr, "grad_norm": grad_norm, f"{task.unit}_per_s": speed,
                           "elapsed_s": now - t0}
+                if float(vals[-2]) > 0:
+                    record["flow_tokens_per_step"] = float(vals[-2]) / max(window_steps, 1)
+                    record["flow_tokens_per_s"] = float(vals[-2]) / max(now - window_start, 1e-9)
                 if main:
                     metrics.write(record)
                 if bar is not None:
                     shown = " ".join(f"{k} {v:.4g}" for k, v in {"loss": record["loss"], **record["terms"]}.items())
-                    bar.update(bar_task, completed=step, terms=shown, speed=f"{speed:.1f} {task.unit}/s")
-                window_tokens, window_start = 0, now
+                    flow = (f", {record['flow_tokens_per_s']:.0f} flow tok/s" if "flow_tokens_per_s" in record else "")
+                    bar.update(bar_task, completed=step, terms=shown, speed=f"{speed:.1f} {task.unit}/s{flow}")
+                window_tokens, window_start, window_flow, window_steps = 0, now, 0, 0
             elif bar is not None:
                 bar.update(bar_task, completed=step)
             if train.checkpoint_every > 0 and step % train.checkpoint_every == 0 and step < stage.steps:

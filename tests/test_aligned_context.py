@@ -1,0 +1,148 @@
+"""``model.aligned_context``: what reaches a noisy target through the aligned path, and what never does."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from unibrain_cli.config.components import ModelConfig
+from unibrain_cli.modalities import MODALITIES
+from unibrain_cli.model.bagel import UniBrainModel
+from unibrain_cli.model.packing import PackedSequence
+
+CFG = ModelConfig()
+ON = replace(CFG, aligned_context="on")
+D = 16  # latent_patch_size**2 * vae.z_channels of the default config
+GRID = (3, 2)
+T1, T2, FLAIR = (MODALITIES.index(m) for m in ("t1", "t2", "flair"))
+
+
+def _model(cfg: ModelConfig, seed: int = 0, trained: bool = True) -> UniBrainModel:
+    torch.manual_seed(seed)
+    m = UniBrainModel(cfg)
+    if trained:  # move the zero-initialised heads so the paths carry signal
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "_moe_gen" in name or "llm2vae" in name or "aligned_context" in name:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return m.eval()
+
+
+def _lat(seed: int) -> torch.Tensor:
+    return torch.randn(6, D, generator=torch.Generator().manual_seed(seed))
+
+
+def _pack(m: UniBrainModel, lat: dict[str, torch.Tensor]) -> PackedSequence:
+    """Sample 0: [t1 clean, text, noisy t2, t2 clean (its ground truth), flair clean (later)];
+    sample 1: [flair clean, text, noisy t1]."""
+    b = m.builder(image_markers=(1, 2))
+    b.add_vae_image(GRID, latents=lat["a_t1"], modality=T1)
+    b.add_text([5, 6, 7])
+    b.add_vae_image(GRID, noisy=True, timestep=0.5, latents=lat["a_noise"], modality=T2)
+    b.add_vae_image(GRID, latents=lat["a_t2"], modality=T2)
+    b.add_vae_image(GRID, latents=lat["a_flair"], modality=FLAIR)
+    b.next_sample()
+    b.add_vae_image(GRID, latents=lat["b_flair"], modality=FLAIR)
+    b.add_text([8, 9])
+    b.add_vae_image(GRID, noisy=True, timestep=0.3, latents=lat["b_noise"], modality=T1)
+    return b.build()
+
+
+LATS = {k: _lat(i) for i, k in enumerate(["a_t1", "a_noise", "a_t2", "a_flair", "b_flair", "b_noise"])}
+
+
+def _velocity(m: UniBrainModel, lat: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = m(_pack(m, lat), logits_at="none", velocity_at="noisy")
+    assert out.velocity is not None
+    return out.velocity  # [12, D]: sample 0's target rows, then sample 1's
+
+
+def test_stack_holds_exactly_the_earlier_images_of_the_same_sample():
+    m = _model(ON)
+    assert m.aligned_context is not None
+    stack = m.aligned_context.stack(_pack(m, LATS))
+    w = D + 1
+    a, b = stack[:6], stack[6:]
+    assert torch.equal(a[:, T1 * w: T1 * w + D], LATS["a_t1"]) and bool((a[:, T1 * w + D] == 1).all())
+    assert torch.equal(b[:, FLAIR * w: FLAIR * w + D], LATS["b_flair"]) and bool((b[:, FLAIR * w + D] == 1).all())
+    a_other = torch.cat([a[:, :T1 * w], a[:, (T1 + 1) * w:]], dim=1)
+    b_other = torch.cat([b[:, :FLAIR * w], b[:, (FLAIR + 1) * w:]], dim=1)
+    assert not a_other.any() and not b_other.any()  # own slot, later images, other sample: empty
+
+
+def test_an_earlier_context_image_changes_the_target_through_the_aligned_path():
+    on = _model(ON)
+    changed = {**LATS, "a_t1": LATS["a_t1"] + 1.0}
+    assert not torch.allclose(_velocity(on, LATS)[:6], _velocity(on, changed)[:6])
+    # the aligned path alone: same weights with the path's output removed
+    off = _model(ON)
+    off.set_aligned_context("off")
+    off.config = CFG
+    delta_on = _velocity(on, changed)[:6] - _velocity(on, LATS)[:6]
+    delta_off = _velocity(off, changed)[:6] - _velocity(off, LATS)[:6]
+    assert not torch.allclose(delta_on, delta_off, atol=1e-6)
+
+
+def test_own_ground_truth_later_images_and_other_samples_never_reach_the_target():
+    m = _model(ON)
+    base = _velocity(m, LATS)
+    for key in ("a_t2", "a_flair", "b_flair"):
+        moved = _velocity(m, {**LATS, key: LATS[key] * -3.0 + 2.0})
+        assert torch.equal(moved[:6], base[:6]), key  # sample 0's target never sees them
+    moved = _velocity(m, {**LATS, "a_t1": LATS["a_t1"] + 1.0})
+    assert torch.equal(moved[6:], base[6:])  # nor does sample 1's see sample 0's input
+
+
+def test_off_is_bit_identical_and_on_starts_as_off():
+    torch.manual_seed(0)
+    off = UniBrainModel(CFG).eval()
+    torch.manual_seed(0)
+    on = UniBrainModel(ON).eval()
+    # same seed, same weights for everything BAGEL has; the aligned tensors start at zero
+    on_state = on.state_dict()
+    for k, v in off.state_dict().items():
+        assert torch.equal(v, on_state[k]), k
+    assert set(on_state) - set(off.state_dict()) == {"aligned_context.weight", "aligned_context.bias"}
+    with torch.no_grad():
+        for name, p in off.named_parameters():
+            if "_moe_gen" in name or "llm2vae" in name:
+                p.add_(0.05)
+        on.load_state_dict({**off.state_dict(), "aligned_context.weight": on.aligned_context.weight,
+                            "aligned_context.bias": on.aligned_context.bias})
+    assert torch.equal(_velocity(off, LATS), _velocity(on, LATS))
+    # switching it on after loading (a BAGEL folder) adds zeros: outputs unchanged
+    off.set_aligned_context("on")
+    assert off.aligned_context is not None and not off.aligned_context.weight.any()
+    assert torch.equal(_velocity(off, LATS), _velocity(on, LATS))
+
+
+def test_cached_query_sees_the_cached_images_and_equals_the_packed_forward():
+    m = _model(ON)
+    full = m.builder(image_markers=(1, 2))
+    full.add_vae_image(GRID, latents=LATS["a_t1"], modality=T1)
+    full.add_text([5, 6, 7])
+    full.add_vae_image(GRID, noisy=True, timestep=0.5, latents=LATS["a_noise"], modality=T2)
+    v_full = m(full.build(), logits_at="none", velocity_at="noisy").velocity
+
+    cache = m.new_cache()
+    ctx = m.builder(image_markers=(1, 2))
+    ctx.add_vae_image(GRID, latents=LATS["a_t1"], modality=T1)
+    ctx.add_text([5, 6, 7])
+    m.prefill(cache, ctx.build())
+    assert [(s, g) for s, g, _ in cache.images] == [(T1, GRID)]
+    q = m.builder(image_markers=(1, 2))
+    q.add_vae_image(GRID, noisy=True, timestep=0.5, latents=LATS["a_noise"], modality=T2)
+    v_cached = m.predict_velocity(cache, q.build())
+    torch.testing.assert_close(v_cached, v_full, rtol=1e-5, atol=1e-5)
+    # the image-free (guidance) context has empty slots, and snapshots restore the slots
+    snap = cache.snapshot()
+    empty = m.new_cache()
+    empty.restore(snap)
+    assert len(empty.images) == 1
+    bare = m.new_cache()
+    t = m.builder(image_markers=(1, 2))
+    t.add_text([5, 6, 7])
+    m.prefill(bare, t.build())
+    assert bare.images == ()

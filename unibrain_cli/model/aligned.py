@@ -1,0 +1,116 @@
+"""Spatially aligned context for the generation expert (``model.aligned_context = "on"``).
+
+A deliberate deviation from BAGEL for models trained from scratch (off in ``bagel-7b``): BAGEL
+conditions a generated image on its context images only through attention, which a pretrained
+BAGEL-7B has learned to use for copying spatial structure; a small model trained from random
+weights in minutes learns that far too slowly and draws the population-average image. Direct
+image-to-image models (U-Net, InstructPix2Pix, FLUX Fill) instead give every output location
+the aligned input values at the first layer. This module adds exactly that, and nothing else:
+
+Each noisy target latent token additionally receives ``proj(stack)``, where ``stack``
+[num_slots * (D + 1)] holds, per modality *slot* (the index of the modality in
+``unibrain_cli.modalities.MODALITIES``), the CLEAN latent token at the same (row, col) of the
+latest clean VAE image of that modality that PRECEDES the target in the same sample (D
+features), followed by a presence bit. The target's own slot, every image after it, images
+of other samples, images of another grid and images without a modality are never stacked.
+``proj`` (``aligned_context.weight`` / ``.bias``) is a zero-initialised linear map, so a model with the module computes exactly what
+it computes without it until training moves the weights (a BAGEL-7B-MoT folder loads unchanged;
+they are extra tensors).
+
+What a slot holds is whatever the context holds: ground truth in ``unified`` training, the
+model's own generated (re-encoded) images in ``dhs`` and at inference, and nothing in an
+image-free guidance context. With the KV cache, the clean images already in the cache are
+recorded in the cache (``KVCache.images``) and passed as ``prior``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unibrain_cli.model.kv_cache import SlotImage
+from unibrain_cli.model.packing import PackedSequence
+
+
+class AlignedContext(nn.Module):
+    """A linear map ``weight`` [hidden, num_slots * (latent_dim + 1)] + ``bias`` [hidden], zero-initialised
+    (built from zeros directly, so adding the module draws nothing from the RNG: a model with it
+    starts with the same other weights as one without, for the same seed).
+
+    Args:
+        num_slots: number of modality slots (``len(MODALITIES)``).
+        latent_dim: width D of one latent token.
+        hidden: LLM width.
+    """
+
+    def __init__(self, num_slots: int, latent_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.num_slots = num_slots
+        self.latent_dim = latent_dim
+        self.weight = nn.Parameter(torch.zeros(hidden, num_slots * (latent_dim + 1)))
+        self.bias = nn.Parameter(torch.zeros(hidden))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def stack(self, packed: PackedSequence, prior: Sequence[SlotImage] = ()) -> Tensor:
+        """The aligned stack of every noisy VAE token: [N_noisy, num_slots * (D + 1)], rows in
+        ``packed.noisy_vae_rows`` order.
+
+        Args:
+            packed: the pack (its ``vae_latents`` hold the clean images' tokens).
+            prior: clean images of a cached context before the pack (one-sample packs only),
+                oldest first.
+        """
+        d, s = self.latent_dim, self.num_slots
+        lat = packed.vae_latents
+        n_noisy = int(packed.vae_noisy.sum())
+        out = torch.zeros(n_noisy, s * (d + 1), device=packed.device,
+                          dtype=lat.dtype if lat is not None else torch.float32)
+        if n_noisy == 0 or lat is None:
+            return out
+        latest: dict[int, tuple[tuple[int, int], Tensor]] = {}
+        if prior:
+            if packed.num_samples != 1:
+                raise ValueError("a cached context (prior images) needs a one-sample pack")
+            for slot, grid, tokens in prior:
+                latest[slot] = (grid, tokens)
+        sample = 0
+        row = 0
+        for span in packed.images:
+            if span.kind != "vae":
+                continue
+            if span.sample != sample:
+                sample, latest = span.sample, {}
+            tokens = lat[span.token_start: span.token_start + span.num_tokens]
+            if not span.noisy:
+                if 0 <= span.modality < s:
+                    latest[span.modality] = (span.grid_hw, tokens)
+                continue
+            for slot, (grid, ctx) in latest.items():
+                if slot == span.modality or grid != span.grid_hw:
+                    continue
+                block = out[row: row + span.num_tokens]
+                block[:, slot * (d + 1): slot * (d + 1) + d] = ctx.to(out.dtype)
+                block[:, slot * (d + 1) + d] = 1.0
+            row += span.num_tokens
+        return out
+
+    def forward(self, packed: PackedSequence, prior: Sequence[SlotImage] = ()) -> Tensor:
+        """[N_noisy, hidden]: the projection added to the noisy tokens' input embeddings."""
+        return F.linear(self.stack(packed, prior).to(self.weight.dtype), self.weight, self.bias)
+
+
+def clean_slot_images(packed: PackedSequence) -> list[SlotImage]:
+    """The clean VAE images of a one-sample block that carry a modality slot, in order (what a
+    KV cache records when the block is appended)."""
+    lat = packed.vae_latents
+    if lat is None:
+        return []
+    return [(span.modality, span.grid_hw, lat[span.token_start: span.token_start + span.num_tokens])
+            for span in packed.images if span.kind == "vae" and not span.noisy and span.modality >= 0]
