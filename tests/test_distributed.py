@@ -172,5 +172,131 @@ def test_two_process_losses_use_the_global_token_counts(tmp_path: Path) -> None:
         assert (ranks[0]["terms"][k] + ranks[1]["terms"][k]) / 2 == pytest.approx(mean, rel=1e-5)
 
 
+DHS_DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from unibrain_cli.config import load_recipe
+    from unibrain_cli.training.run import train
+
+    slices, run, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    recipe = load_recipe("tiny", ["train.stages=[{name='vae', steps=1, batch_size=2}, "
+                                  "{name='dhs', steps=2, lr=1e-3, dhs_rollout_steps=2}]",
+                                  "train.checkpoint_every=100", "train.log_every=1"])
+
+    def hook(info):
+        if info.stage == "dhs" and info.step == info.total:
+            params = {k: v.detach().double() for k, v in info.model.named_parameters()}
+            record = {"rank": info.rank, "checksum": sum(float(v.sum()) for v in params.values()),
+                      "loss": info.loss, "terms": info.terms}
+            (out / f"rank{info.rank}.json").write_text(json.dumps(record))
+
+    train(recipe, slices, run, hooks=[hook])
+    """
+)
+
+
+def test_two_process_dhs_stage_trains_in_sync(tmp_path: Path) -> None:
+    """The dhs stage through the trainer on 2 CPU ranks (DDP: Accelerate has no FSDP on CPU, see the
+    FSDP test below), each rank rolling out its own samples."""
+    slices = write_slices(tmp_path / "SLICES", n_cases=8)
+    script = tmp_path / "dhs_train.py"
+    script.write_text(DHS_DDP_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    ranks = run_two_ranks(script, str(slices), str(tmp_path / "RUN"), str(out))
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert all(r["terms"]["flow"] > 0 for r in ranks)
+    assert (tmp_path / "RUN" / "dhs" / "final" / "model.safetensors").is_file()
+
+
+#: The DHS module under torch FSDP (gloo, CPU; Accelerate only enables FSDP on accelerators, so the
+#: module is wrapped by hand with the trainer's policy: every ``layers`` class is a unit). The ranks'
+#: rollouts have different pass counts (rank 0: one slot; rank 1: two slots, one context chunk
+#: without a ViT image); without the padding the ViT / decoder all-gathers of the ranks mismatch.
+DHS_FSDP_SCRIPT = """import copy, json, sys
+from datetime import timedelta
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from unibrain_cli.config import load_recipe
+from unibrain_cli.flow.sampler import timestep_schedule
+from unibrain_cli.model.vae import AutoEncoder
+from unibrain_cli.training.materialize import ImageGeometry, ImageItem, TextItem, build_batch
+from unibrain_cli.training.model_init import fresh_model
+from unibrain_cli.training.parallel import layer_lists
+from unibrain_cli.training.stages.dhs import DHSTrainModule
+
+STEPS = 2
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+rank = dist.get_rank()
+out = Path(sys.argv[-1])
+recipe = load_recipe("tiny")
+cfg = recipe.model
+geom = ImageGeometry.from_config(cfg, recipe.data.image_size)
+model = fresh_model(cfg, seed=0)
+with torch.no_grad():
+    model.llm2vae.weight.copy_(0.05 * torch.randn(model.llm2vae.weight.shape, generator=torch.Generator().manual_seed(5)))
+torch.manual_seed(1)
+module = DHSTrainModule(model, AutoEncoder(cfg.vae).eval(), geom, 1.0, 1.0, rollout_steps=STEPS, sample_shift=3.0)
+module.vae.requires_grad_(False)
+
+def text(n, loss, role, start=10):
+    return TextItem((1, *range(start, start + n), 2), loss, role)
+
+sched = timestep_schedule(STEPS, 3.0)
+gen = torch.Generator().manual_seed(10 + rank)
+if rank == 0:  # one generation slot: 1 prefill + STEPS passes
+    samples = [[ImageItem("vit", False, 0), ImageItem("vae", False, 0), text(4, False, "instruction"),
+                ImageItem("vae", True, 1, 0), ImageItem("vae", False, 1, 0), text(3, True, "answer", 40)]]
+    n_img, exits, sa = 2, [1], [False]
+else:  # two generation slots, text-only context chunk between them, + an SA sample
+    samples = [[ImageItem("vae", False, 0), ImageItem("vit", False, 0), text(3, False, "instruction"),
+                ImageItem("vae", True, 1, 0), ImageItem("vae", False, 1, 0), text(5, True, "thinking", 60),
+                ImageItem("vae", True, 2, 1), text(9, True, "answer", 100)],
+               [ImageItem("vit", False, 3), text(5, False, "instruction", 200), ImageItem("vae", True, 3, 2, sa=True)]]
+    n_img, exits, sa = 4, [0, 1, -1], [False, False, True]
+exits = torch.tensor(exits)
+times = torch.where(exits >= 0, sched[exits.clamp(min=0)], torch.tensor(0.4))
+pixels = torch.rand((n_img, geom.image_size, geom.image_size), generator=gen)
+noise = torch.randn((len(exits), geom.vae_image_tokens, geom.latent_dim), generator=gen)
+batch = build_batch(samples, pixels, geom, (3, 4), times, noise, exit_steps=exits)
+
+reference = copy.deepcopy(module)
+with torch.no_grad():
+    ref = reference(batch)
+classes = {type(layer) for _, layers in layer_lists(module) for layer in layers}
+wrapped = FSDP(module, auto_wrap_policy=ModuleWrapPolicy(classes), device_id=torch.device("cpu"), use_orig_params=True)
+calls = {"llm": 0, "vit": 0}
+module.model.language_model.model.layers[0].register_forward_pre_hook(lambda *a: calls.__setitem__("llm", calls["llm"] + 1))
+module.model.vit_model.vision_model.encoder.layers[0].register_forward_pre_hook(lambda *a: calls.__setitem__("vit", calls["vit"] + 1))
+res = wrapped(batch)
+res["loss"].backward()
+grad = sum(float(p.grad.abs().sum()) for p in wrapped.parameters() if p.grad is not None)  # this rank's shard
+rec = {"rank": rank, "own": module.planned_passes(batch), "calls": calls, "grad": grad,
+       **{k: float(res[k].detach()) for k in ("loss", "ntp", "flow", "sa")},
+       **{"ref_" + k: float(ref[k]) for k in ("loss", "ntp", "flow", "sa")}}
+(out / f"rank{rank}.json").write_text(json.dumps(rec))
+dist.destroy_process_group()
+"""
+
+
+def test_two_process_fsdp_dhs_pads_the_rollout(tmp_path: Path) -> None:
+    script = tmp_path / "dhs_fsdp.py"
+    script.write_text(DHS_FSDP_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    ranks = run_two_ranks(script, str(out))
+    assert ranks[0]["own"] != ranks[1]["own"]  # different rollouts ...
+    top = max(r["own"] for r in ranks)
+    for rec in ranks:  # ... the same layer forwards: max rollout passes + the packed training forward
+        assert rec["calls"] == {"llm": top + 1, "vit": top + 1}, rec
+        for k in ("loss", "ntp", "flow", "sa"):  # and the losses of the unsharded module
+            assert rec[k] == pytest.approx(rec["ref_" + k], rel=1e-5, abs=1e-7), (k, rec)
+        assert rec["grad"] > 0
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

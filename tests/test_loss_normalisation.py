@@ -81,6 +81,14 @@ def hand_batches() -> list[TrainBatch]:
     return batches
 
 
+def on_schedule(batch: TrainBatch, module: DHSTrainModule) -> TrainBatch:
+    """``batch`` with each generation slot's flow time set to its DHS exit step's rollout time."""
+    sched = torch.tensor(module.schedule())
+    exits = batch.exit_steps
+    times = torch.where(exits >= 0, sched[exits.clamp(min=0)], batch.timesteps)
+    return build_batch(batch.samples, batch.pixels, geometry(), batch.markers, times, batch.noise, exit_steps=exits)
+
+
 class HandStage(UnifiedStage):
     """The unified stage on fixed packs (no slices, no tokenizer): micro-batch i is BATCHES[i]."""
 
@@ -143,6 +151,7 @@ def test_loss_counts_are_what_the_losses_average_over() -> None:
     assert b.loss_counts() == {"ntp": 21 + 10, "flow": 2 * t, "sa": t}
     # DHS: the rollout carries no loss; each slot's noisy split is trained once, at its exit step
     module = make_module(DHSTrainModule, rollout_steps=2, sample_shift=3.0)
+    b = on_schedule(b, module)
     with torch.no_grad():
         lat, vit = module.encode_images(b.pixels)
         plain = module.losses(b, lat, vit)

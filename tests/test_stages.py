@@ -383,7 +383,8 @@ def test_dhs_text_loss_sees_generated_latents_never_ground_truth(pipeline: Path,
     with torch.no_grad():
         lat, vit = module.encode_images(batch.pixels)
         base = module.losses(batch, lat, vit)
-        _, gen_lat, gen_vit = module.rollout(batch, lat, vit)
+        r = module.rollout(batch, lat, vit)
+        gen_lat, gen_vit = r.gen_lat, r.gen_vit
         ref = logits(lat, vit, gen_lat, gen_vit)
         # perturbing the ground truth of generated targets (latents and ViT) changes neither the rollout nor
         # any text logit ...
@@ -392,8 +393,10 @@ def test_dhs_text_loss_sees_generated_latents_never_ground_truth(pipeline: Path,
         lat2, vit2 = lat.clone(), vit.clone()
         lat2[targets] += 3.0 * torch.randn_like(lat2[targets])
         vit2[targets] += 3.0 * torch.randn_like(vit2[targets])
-        _, gen_lat2, gen_vit2 = module.rollout(batch, lat2, vit2)
+        r2 = module.rollout(batch, lat2, vit2)
+        gen_lat2, gen_vit2 = r2.gen_lat, r2.gen_vit
         assert torch.equal(gen_lat2, gen_lat) and torch.equal(gen_vit2, gen_vit)
+        assert torch.equal(r2.states, r.states)
         assert torch.equal(logits(lat2, vit2, gen_lat2, gen_vit2), ref)
         moved = module.losses(batch, lat2, vit2)
         assert float(moved.ntp) == float(base.ntp)
@@ -422,13 +425,15 @@ def test_dhs_cached_rollout_equals_packed_forward(pipeline: Path, slices: Path) 
     assert bool((batch.timesteps[~batch.slot_sa] == 1.0).all())
     with torch.no_grad():
         lat, vit = module.encode_images(batch.pixels)
-        sampled, gen_lat, gen_vit = module.rollout(batch, lat, vit)
-        filled = fill_pack(batch, lat, vit, gen_lat, gen_vit)
+        r = module.rollout(batch, lat, vit)
+        sampled, gen_lat, gen_vit = r.sampled, r.gen_lat, r.gen_vit
+        filled = fill_pack(batch, lat, vit, gen_lat, gen_vit, r.states, ~batch.slot_sa)
         v = module.model(filled.packed, logits_at="none", velocity_at="noisy").velocity
     v = v.reshape(batch.num_slots, -1, v.shape[-1])
     gen = ~batch.slot_sa
     assert int(gen.sum()) >= 1
     assert torch.allclose(batch.noise[gen] - v[gen], sampled[gen], atol=1e-4)
+    assert torch.equal(r.states[gen], batch.noise[gen])  # the state at exit step 0 is the noise itself
     assert float(v[gen].abs().max()) > 1e-4  # a real prediction, not the zero-initialised head
 
 
@@ -443,8 +448,148 @@ def test_dhs_next_batch_is_deterministic(pipeline: Path, slices: Path) -> None:
     sched = timestep_schedule(4, load_recipe("tiny").flow.sample_timestep_shift)
     gen = ~a.slot_sa
     assert torch.equal(a.timesteps[gen], sched[a.exit_steps[gen]])
+    assert bool((a.timesteps[gen] > 0).all()) and bool((a.exit_steps[gen] < 4).all())  # never t_n = 0
     assert bool((a.exit_steps[a.slot_sa] == -1).all()) and int(a.slot_sa.sum()) == 1
     assert np.isclose(float(a.timesteps.min()), float(a.timesteps.min()))
+
+
+def _first_generation(batch):
+    """(items, index) of the first non-SA generation slot of the first sample that has one."""
+    for items in batch.samples:
+        for i, it in enumerate(items):
+            if isinstance(it, ImageItem) and it.noisy and not it.sa:
+                return items, i
+    raise AssertionError("no generation slot")
+
+
+def test_dhs_exit_step_trains_on_the_rollout_state(pipeline: Path, slices: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Self-forcing: the packed forward's noisy split of a generated slot holds the state x_{t_k} an Euler
+    rollout from the slot's noise reaches at its exit step k (recomputed here independently of
+    ``DHSTrainModule.rollout``), at time t_k, and its target is ``(x_{t_k} - x0) / t_k``."""
+    from unibrain_cli.flow.sampler import euler_step, timestep_schedule
+    from unibrain_cli.training.materialize import add_items
+    from unibrain_cli.training.stages import unified
+
+    stage = _dhs_stage(pipeline, slices, steps=4)
+    module = stage.build_model().eval()
+    for pos in range(40):
+        batch = stage.next_batch(pos, stage_generator(pos, 3, 0))["batch"]
+        items, first = _first_generation(batch)
+        slot = items[first].slot
+        if int(batch.exit_steps[slot]) >= 1:
+            break
+    else:
+        raise AssertionError("no batch whose first generation slot exits after step 0")
+    k = int(batch.exit_steps[slot])
+    ts = timestep_schedule(4, load_recipe("tiny").flow.sample_timestep_shift).tolist()
+    model, geom = module.model, stage.geometry()
+    with torch.no_grad():
+        lat, vit = module.encode_images(batch.pixels)
+        # independent rollout: ground-truth context (nothing generated before the first slot), Euler from eps
+        b = model.builder(batch.markers)
+        add_items(b, items[:first], geom, [], with_loss=False, vit_data=lambda it: vit[it.image],
+                  vae_data=lambda it: lat[it.image])
+        cache = model.new_cache()
+        model.prefill(cache, b.build())
+        x = batch.noise[slot].clone()
+        for t, t_next in zip(ts[:k], ts[1:k + 1], strict=True):
+            nb = model.builder(batch.markers)
+            nb.add_vae_image(geom.latent_grid, noisy=True, timestep=t, latents=x)
+            x = euler_step(x, model.predict_velocity(cache, nb.build()), t, t_next)
+    x_tk = x
+    # spy on the packed training forward's inputs and flow targets
+    seen: dict = {}
+    forward, pack_losses = model.forward, unified.pack_losses
+
+    def spy_forward(packed, *args, **kw):
+        seen["packed"] = packed
+        return forward(packed, *args, **kw)
+
+    def spy_losses(logits, labels, velocity, target, row_sa, norm=None):
+        seen["target"] = target
+        return pack_losses(logits, labels, velocity, target, row_sa, norm)
+
+    monkeypatch.setattr(model, "forward", spy_forward)
+    monkeypatch.setattr(unified, "pack_losses", spy_losses)
+    with torch.no_grad():
+        module(batch)
+    packed, n, T = seen["packed"], batch.num_slots, lat.shape[1]
+    noisy = packed.vae_latents[packed.noisy_vae_rows].reshape(n, T, -1)
+    t_rows = packed.vae_timesteps[packed.noisy_vae_rows].reshape(n, T)
+    assert torch.allclose(noisy[slot], x_tk, atol=1e-4)
+    assert torch.allclose(t_rows[slot], torch.full((T,), ts[k]))
+    x0 = lat[items[first].image]
+    gt_mix = (1 - ts[k]) * x0 + ts[k] * batch.noise[slot]
+    assert float((noisy[slot] - gt_mix).abs().max()) > 1e-3  # not the ground-truth mix any more
+    target = seen["target"].reshape(n, T, -1)
+    assert torch.allclose(target[slot], (x_tk - x0) / ts[k], atol=1e-4)
+    # self-alignment slots keep the ground-truth path and target
+    sa = int(batch.slot_sa.nonzero()[0])
+    sa_x0 = lat[batch.vae_src[[i for i, img in enumerate(s for s in packed.images if s.kind == "vae")
+                               if img.noisy][sa]]]
+    t_sa = float(batch.timesteps[sa])
+    assert torch.allclose(noisy[sa], (1 - t_sa) * sa_x0 + t_sa * batch.noise[sa], atol=1e-6)
+    assert torch.allclose(target[sa], batch.noise[sa] - sa_x0, atol=1e-6)
+
+
+def test_dhs_rollout_refuses_exit_times_off_the_schedule(pipeline: Path, slices: Path) -> None:
+    import dataclasses
+
+    stage = _dhs_stage(pipeline, slices, steps=2)
+    module = stage.build_model()
+    batch = _dhs_batch(stage)
+    lat, vit = module.encode_images(batch.pixels)
+    gen = int((~batch.slot_sa).nonzero()[0])
+    bad = dataclasses.replace(batch, exit_steps=batch.exit_steps.clone())
+    bad.exit_steps[gen] = 2  # t_2 = 0: not an exit step
+    with pytest.raises(ValueError, match="not a step with t > 0"):
+        module.rollout(bad, lat, vit)
+    bad = dataclasses.replace(batch, timesteps=batch.timesteps.clone())
+    bad.timesteps[gen] += 0.01
+    with pytest.raises(ValueError, match="is not the rollout time"):
+        module.rollout(bad, lat, vit)
+
+
+def _count_layer_calls(module) -> dict[str, int]:
+    calls = {"llm": 0, "vit": 0}
+    for key, layer in (("llm", module.model.language_model.model.layers[0]),
+                       ("vit", module.model.vit_model.vision_model.encoder.layers[0])):
+        layer.register_forward_pre_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
+    return calls
+
+
+def test_dhs_pads_the_rollout_with_dummy_passes(pipeline: Path, slices: Path) -> None:
+    """The FSDP padding, forced on one process: with a synchronised pass count 3 above this rank's, the
+    rollout runs 3 extra (dummy) passes, every pass runs the ViT then the decoder, and nothing changes."""
+    stage = _dhs_stage(pipeline, slices, steps=2)
+    module = stage.build_model().eval()
+    batch = _dhs_batch(stage)
+    calls = _count_layer_calls(module)
+    own = module.planned_passes(batch)
+    assert own >= 3  # at least one prefill and two Euler steps
+    assert module._pass_target(own, torch.device("cpu")) is None  # no process group: no padding
+    with torch.no_grad():
+        lat, vit = module.encode_images(batch.pixels)
+        plain = module.rollout(batch, lat, vit)
+        plain_calls = dict(calls)
+        base = module.losses(batch, lat, vit)
+        assert plain.passes == own and plain_calls["llm"] == own
+        module.sync_passes = lambda n: n + 3
+        calls.update(llm=0, vit=0)
+        padded = module.rollout(batch, lat, vit)
+        assert padded.passes == own + 3
+        assert calls["llm"] == own + 3 and calls["vit"] == own + 3  # uniform "ViT, then decoder" passes
+        for name in ("sampled", "states", "gen_lat", "gen_vit"):
+            assert torch.equal(getattr(padded, name), getattr(plain, name))
+        calls.update(llm=0, vit=0)
+        moved = module.losses(batch, lat, vit)
+        assert calls["llm"] == own + 3 + 1  # ... plus the packed training forward
+        for k in ("ntp", "flow", "sa"):
+            assert torch.equal(getattr(moved, k), getattr(base, k))
+        module.sync_passes = lambda n: n - 1
+        with pytest.raises(RuntimeError, match="below this rank"):
+            module.rollout(batch, lat, vit)
 
 
 def test_geometry_of_the_bagel_recipe_resizes_the_vit_view() -> None:

@@ -446,7 +446,8 @@ class FilledPack:
     """A pack ready for the model plus its flow targets.
 
     ``packed``: with ``vit_patches`` and ``vae_latents`` (noisy rows = x_t);
-    ``target``: [n_slots * T, D] velocity targets ``eps - x0`` of the noisy rows (pack order);
+    ``target``: [n_slots * T, D] velocity targets of the noisy rows (pack order): ``eps - x0``, or
+    ``(x_t - x0) / t`` for slots whose x_t is a given state (``fill_pack``'s ``states``);
     ``row_sa``: bool [n_slots * T] rows of self-alignment images.
     """
 
@@ -456,7 +457,8 @@ class FilledPack:
 
 
 def fill_pack(batch: TrainBatch, lat: Tensor, vit: Tensor, gen_lat: Tensor | None = None,
-              gen_vit: Tensor | None = None) -> FilledPack:
+              gen_vit: Tensor | None = None, states: Tensor | None = None,
+              from_states: Tensor | None = None) -> FilledPack:
     """Gather image payloads into the pack.
 
     Args:
@@ -465,8 +467,13 @@ def fill_pack(batch: TrainBatch, lat: Tensor, vit: Tensor, gen_lat: Tensor | Non
         vit: [n_img, Tv, P] ViT inputs of ``batch.pixels``.
         gen_lat, gen_vit: [n_slots, T, D] / [n_slots, Tv, P] views of the generated images
             (DHS). When given, clean spans of generated targets (``vae_gen`` / ``vit_gen`` >= 0)
-            show them instead of the ground truth; noisy spans always interpolate the ground
-            truth ``x_t = (1 - t) x0 + t eps``.
+            show them instead of the ground truth; noisy spans interpolate the ground truth
+            ``x_t = (1 - t) x0 + t eps`` (target ``eps - x0``) unless ``from_states`` says otherwise.
+        states, from_states: [n_slots, T, D] and bool [n_slots] (DHS): a slot with
+            ``from_states[slot]`` has ``x_t = states[slot]`` (the rollout's own state at its flow
+            time ``t = batch.timesteps[slot]``, which must be > 0) and the velocity target that
+            carries that state to the ground truth in one Euler step, ``(x_t - x0) / t`` (equal
+            to ``eps - x0`` when the state lies on the straight path).
     """
     vae_rows = lat[batch.vae_src]  # [n_vae_spans, T, D]
     if gen_lat is not None:
@@ -482,7 +489,19 @@ def fill_pack(batch: TrainBatch, lat: Tensor, vit: Tensor, gen_lat: Tensor | Non
             vit_rows[use] = gen_vit[batch.vit_gen[use]].to(vit_rows.dtype)
     noisy_spans = [i for i, img in enumerate(s for s in batch.packed.images if s.kind == "vae") if img.noisy]
     x0 = vae_rows[noisy_spans] if noisy_spans else vae_rows[:0]  # [n_slots, T, D]
-    x_t = interpolate(x0, batch.noise.to(x0.dtype), batch.timesteps.to(x0.dtype))
+    eps, t = batch.noise.to(x0.dtype), batch.timesteps.to(x0.dtype)
+    x_t = interpolate(x0, eps, t)
+    target = velocity_target(x0, eps)
+    if from_states is not None and bool(from_states.any()):
+        if states is None:
+            raise ValueError("from_states needs states")
+        own = from_states.to(torch.bool)
+        if bool((t[own] <= 0).any()):
+            raise ValueError("a slot trained from a rollout state needs a flow time > 0")
+        x_own = states[own].to(x0.dtype)
+        x_t, target = x_t.clone(), target.clone()
+        x_t[own] = x_own
+        target[own] = (x_own - x0[own]) / t[own][:, None, None]
     if noisy_spans:
         vae_rows = vae_rows.clone()
         vae_rows[noisy_spans] = x_t
@@ -491,7 +510,7 @@ def fill_pack(batch: TrainBatch, lat: Tensor, vit: Tensor, gen_lat: Tensor | Non
         vit_patches=vit_rows.reshape(-1, vit_rows.shape[-1]) if vit_rows.numel() else None,
         vae_latents=vae_rows.reshape(-1, vae_rows.shape[-1]) if vae_rows.numel() else None,
     )
-    target = velocity_target(x0, batch.noise.to(x0.dtype)).reshape(-1, x0.shape[-1])
+    target = target.reshape(-1, x0.shape[-1])
     row_sa = batch.slot_sa[:, None].expand(-1, x0.shape[1]).reshape(-1)
     return FilledPack(packed, target, row_sa)
 
@@ -522,7 +541,7 @@ def pack_losses(logits: Tensor | None, labels: Tensor, velocity: Tensor | None, 
         logits: [N_ce, vocab] (or None when the pack has no NTP target).
         labels: long [N_ce].
         velocity: [N_noisy, D] predicted velocity of the noisy rows (pack order) or None.
-        target: [N_noisy, D] ``eps - x0``; row_sa: bool [N_noisy].
+        target: [N_noisy, D] velocity targets (``FilledPack.target``); row_sa: bool [N_noisy].
         norm: per-term divisors ``{"ntp", "flow", "sa"}`` of the summed per-token losses — the
             trainer's ``global token count / (grad_accum * world_size)`` (see
             :mod:`unibrain_cli.training.trainer`); a missing key or None divides by this

@@ -105,10 +105,12 @@ class UnifiedTrainModule(nn.Module):
                 vit_tokens(pixels, g.vit_patch, g.vit_channels, g.vit_size))
 
     def terms(self, batch: TrainBatch, lat: Tensor, vit: Tensor, gen_lat: Tensor | None = None,
-              gen_vit: Tensor | None = None, norm: Mapping[str, float] | None = None) -> LossTerms:
-        """One packed forward with grad and its loss terms (see :func:`materialize.fill_pack`;
-        ``norm``: the trainer's per-term divisors, see :func:`materialize.pack_losses`)."""
-        filled = fill_pack(batch, lat, vit, gen_lat, gen_vit)
+              gen_vit: Tensor | None = None, norm: Mapping[str, float] | None = None,
+              states: Tensor | None = None, from_states: Tensor | None = None) -> LossTerms:
+        """One packed forward with grad and its loss terms (see :func:`materialize.fill_pack`, also
+        for ``states`` / ``from_states``; ``norm``: the trainer's per-term divisors, see
+        :func:`materialize.pack_losses`)."""
+        filled = fill_pack(batch, lat, vit, gen_lat, gen_vit, states, from_states)
         has_flow = filled.target.shape[0] > 0
         has_text = filled.packed.ce_indexes.numel() > 0
         out = self.model(filled.packed, logits_at="loss" if has_text else "none",
