@@ -28,6 +28,19 @@ train split), ``unet`` (one U-Net per chain, ``unet_steps``) and ``two-stage`` (
 the understanding-only path: its usability). The first imputed target of a Table-1 chain is the same
 computation as the matching Table-2 chain (same context and seed), so it is computed once.
 
+Masks (one rule for every method: UniBrain, the ensemble, copy-nearest, U-Net, two-stage, and the
+Table-1 imputations):
+
+- the prediction: every generated or baseline slice is zeroed outside the *input mask*
+  (:meth:`EvalCase.input_brain`): the nonzero pixels of the chain's (scenario's) real INPUT slices,
+  holes filled (:func:`~unibrain_cli.data.slicing.slice_brain_mask`, the ``prepare`` brain rule
+  applied to the inputs only). Nothing derived from the target modality ever multiplies or shapes
+  a prediction; a target whose brain extends beyond its inputs' is scored with those pixels at 0.
+- the evaluation region of ``psnr_brain`` / ``ssim_brain``: the *reference brain*, the slice's
+  stored ``brain`` mask (:attr:`EvalCase.brain`: the union of all the case's modalities, target
+  included). It is a property of the ground truth, the same for every method, and only selects
+  which pixels are scored; it never touches a prediction.
+
 Table 3 (``ablation=True``): ``ckpt`` is a folder holding one training run (or model folder) per
 variant::
 
@@ -64,6 +77,7 @@ import pandas as pd
 import torch
 
 from unibrain_cli.data import templates
+from unibrain_cli.data.slicing import slice_brain_mask
 from unibrain_cli.errors import UserError
 from unibrain_cli.evaluation import figures, tables
 from unibrain_cli.evaluation.baselines import (
@@ -150,7 +164,9 @@ class EvalCase:
     """One case's evaluation slice.
 
     ``images`` float32 [6, S, S] in [0, 1] (MODALITIES order, zeros where absent); ``brain`` bool
-    [S, S]; ``present`` the case's modalities in canonical order; ``diseases`` its classes.
+    [S, S], the stored reference brain (union over ALL the case's modalities: an evaluation region
+    only, never applied to a prediction; see :meth:`input_brain`); ``present`` the case's modalities
+    in canonical order; ``diseases`` its classes.
     """
 
     slice_id: str
@@ -164,6 +180,11 @@ class EvalCase:
     def image(self, modality: str) -> np.ndarray:
         """Slice [S, S] of ``modality``."""
         return self.images[MODALITIES.index(modality)]
+
+    def input_brain(self, inputs: Sequence[str]) -> np.ndarray:
+        """bool [S, S]: the brain as seen from the ``inputs`` slices only
+        (:func:`~unibrain_cli.data.slicing.slice_brain_mask`); never uses a target modality."""
+        return slice_brain_mask(self.images[[MODALITIES.index(m) for m in inputs]])
 
 
 def parse_baselines(value: str | Sequence[str] | None, where: str = "--baselines") -> tuple[str, ...]:
@@ -266,7 +287,12 @@ def _hit(pred: str | None, case: EvalCase) -> float:
 
 
 def image_scores(pred: np.ndarray, ref: np.ndarray, brain: np.ndarray) -> dict[str, float]:
-    """PSNR/SSIM full field and in the brain (NaN in the brain when the mask is empty)."""
+    """PSNR/SSIM full field and in the evaluation region ``brain`` (NaN there when it is empty).
+
+    ``brain`` is the reference brain (:attr:`EvalCase.brain`, a property of the ground truth); it
+    selects the scored pixels only. ``pred`` must already be masked by the inputs' mask
+    (:meth:`EvalCase.input_brain`), never by anything derived from ``ref``.
+    """
     if brain.any():
         return imputation_metrics(pred, ref, brain)
     return {"psnr": psnr(pred, ref), "ssim": ssim(pred, ref), "psnr_brain": math.nan, "ssim_brain": math.nan}
@@ -360,7 +386,7 @@ class ModelEvaluator:
         t0 = time.perf_counter()
         res = impute_chain(self.engine, self._tensors(case, inputs), list(targets), s.seed,
                            thinking_tokens=s.thinking_tokens, answer_tokens=0,
-                           brain=torch.from_numpy(case.brain.astype(np.float32)),
+                           brain=torch.from_numpy(case.input_brain(inputs).astype(np.float32)),
                            start=self.start(case, inputs), steps=s.steps)
         if targets:
             self.memo.setdefault((inputs, targets[0], s.seed), res.images[targets[0]].numpy())
@@ -389,7 +415,7 @@ class ModelEvaluator:
             if key not in self.memo:
                 res = impute_chain(self.engine, self._tensors(case, inputs), [target], int(seed),
                                    thinking_tokens=s.thinking_tokens, answer_tokens=0,
-                                   brain=torch.from_numpy(case.brain.astype(np.float32)),
+                                   brain=torch.from_numpy(case.input_brain(inputs).astype(np.float32)),
                                    start=self.start(case, inputs), steps=s.steps)
                 self.memo[key] = res.images[target].numpy()
             out.append(self.memo[key])
@@ -474,7 +500,7 @@ def evaluate_pass(
                     mean = np.mean(np.stack(images), axis=0)
                     rows.append((ensemble_name(ensemble), mean, ev.usability(case, target, mean)))
             if baselines is not None:
-                args = (case.images, None, case.brain, inputs, target)
+                args = (case.images, None, case.input_brain(inputs), inputs, target)
                 if baselines.copy is not None:
                     rows.append((METHOD_COPY, baselines.copy.impute(*args), math.nan))
                 if key in baselines.unets:
