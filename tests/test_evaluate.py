@@ -261,6 +261,32 @@ def test_ablation_table(ckpt, slices, tmp_path):
         R.evaluate(root, slices, tmp_path / "E2", ablation=True, **FAST)
 
 
+def test_probe_in_eval_json_and_tables(full_run: R.EvalResult, ckpt, slices):
+    """The T1 -> T2 conditioning probe runs with the chains: eval.json and the line under Table 2."""
+    from unibrain_cli.evaluation.probe import conditioning_probe
+
+    summary = json.loads((full_run.out / "eval.json").read_text())
+    probe = summary["probe"]
+    assert probe["n"] == 2 and probe["case_ids"] == ["te0", "te1"] and probe["chain"] == "t1->t2"
+    for k in ("own", "other", "none", "psnr_own", "psnr_other", "psnr_none", "conditioning_gap_db"):
+        assert isinstance(probe[k], float) and np.isfinite(probe[k]), k
+    assert probe["conditioning_gap_db"] == pytest.approx(probe["psnr_own"] - probe["psnr_other"], abs=1e-12)
+    assert summary["seconds"]["probe"] > 0
+    # the same computation as `python -m unibrain_cli.evaluation.probe RUN SLICES`
+    alone = conditioning_probe(ckpt, slices, split="test")
+    assert {k: pytest.approx(v, rel=1e-5) for k, v in alone.items()} == {k: probe[k] for k in alone}
+    line = R.probe_line(probe)
+    assert line.startswith("Conditioning probe (T1w → T2w, n=2)") and f"{probe['conditioning_gap_db']:+.2f} dB" in line
+    assert line in (full_run.out / "tables.md").read_text() and line in (full_run.out / "table2.md").read_text()
+    assert full_run.tables["table2"].footer == [line]
+
+
+def test_no_probe_without_chains(ckpt, slices, tmp_path):
+    res = R.evaluate(ckpt, slices, tmp_path / "E", scenarios="complete", chain=False, max_cases=1, **FAST)
+    assert res.summary["probe"] is None and json.loads((tmp_path / "E" / "eval.json").read_text())["probe"] is None
+    assert "Conditioning probe" not in (tmp_path / "E" / "tables.md").read_text()
+
+
 def ring_case(size: int = S) -> R.EvalCase:
     """T1 only inside a small disc; T2, FLAIR and T1ce also in a ring around it (the target's brain
     extends beyond the inputs'). The stored brain is the union (the larger disc), like the slicer's."""
@@ -406,4 +432,5 @@ def test_cli_steps_reach_the_sampler(ckpt, slices, tmp_path):
         assert res.exit_code == 0, res.output
         assert json.loads((out / "eval.json").read_text())["sample_steps"] == int(steps)
         psnr[steps] = pd.read_csv(out / "table2_cases.csv")["psnr"].to_numpy(dtype=float)
+        assert "Conditioning probe" in res.output  # the line under Table 2 in the terminal
     assert psnr["1"].size > 0 and psnr["1"].shape == psnr["2"].shape and not np.allclose(psnr["1"], psnr["2"])

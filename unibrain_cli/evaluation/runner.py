@@ -41,6 +41,12 @@ Table-1 imputations):
   included). It is a property of the ground truth, the same for every method, and only selects
   which pixels are scored; it never touches a prediction.
 
+Conditioning probe (with ``chain=True``): the T1 -> T2 probe of
+:mod:`~unibrain_cli.evaluation.probe` on the evaluated cases that have T1 and T2 (the first
+:data:`PROBE_MAX_SLICES`, at least 2): one-step PSNR with the case's own T1, another case's T1 or
+no image, and ``conditioning_gap_db = psnr_own - psnr_other``; written to eval.json (``probe``) and
+as one line under Table 2.
+
 Table 3 (``ablation=True``): ``ckpt`` is a folder holding one training run (or model folder) per
 variant::
 
@@ -57,7 +63,7 @@ Outputs (EVAL, written to a temporary folder renamed into place at the end)::
     table1_cases.csv, table2_cases.csv   one row per method x scenario/chain x case
     table1.{csv,md}, table2.{csv,md}, table3.{csv,md} (ablation), tables.md
     qualitative.png, bars_top1.png, bars_psnr.png (with --chain)
-    eval.json                             settings, cohort sizes, timings, table summaries
+    eval.json                             settings, cohort sizes, timings, table summaries, probe
     recipe.resolved.toml                  the checkpoint's recipe
 """
 
@@ -98,6 +104,8 @@ from unibrain_cli.evaluation.metrics import (
     ssim,
     top1_hits,
 )
+from unibrain_cli.evaluation.probe import MAX_SLICES as PROBE_MAX_SLICES
+from unibrain_cli.evaluation.probe import probe_slices
 from unibrain_cli.evaluation.scenarios import (
     CHAIN_KEYS,
     canonical,
@@ -529,6 +537,35 @@ def evaluate_pass(
     return res
 
 
+#: The probe's (input, target): the paper's first chain, T1 -> T2.
+PROBE_CHAIN: tuple[str, str] = ("t1", "t2")
+
+
+def run_probe(ev: ModelEvaluator, cases: Sequence[EvalCase]) -> dict[str, Any] | None:
+    """The T1 -> T2 conditioning probe (:func:`~unibrain_cli.evaluation.probe.probe_slices`) on the
+    first :data:`PROBE_MAX_SLICES` of ``cases`` holding T1 and T2, with the evaluator's engine and
+    seed. Adds ``chain``, ``case_ids`` and ``seconds``; None with fewer than 2 such cases (or a model
+    that does not know both modalities)."""
+    src, tgt = PROBE_CHAIN
+    if src not in ev.known or tgt not in ev.known:
+        return None
+    picked = [c for c in cases if src in c.present and tgt in c.present][:PROBE_MAX_SLICES]
+    if len(picked) < 2:
+        return None
+    t0 = time.perf_counter()
+    res = probe_slices(ev.engine, [(c.image(src), c.image(tgt)) for c in picked], src, tgt, seed=ev.settings.seed)
+    return {"chain": chain_key((src,), tgt), **res, "case_ids": [c.case_id for c in picked],
+            "seconds": time.perf_counter() - t0}
+
+
+def probe_line(probe: dict[str, Any]) -> str:
+    """The one-line summary of :func:`run_probe`'s result shown under Table 2."""
+    src, tgt = (tables.PAPER_MODALITY[m] for m in PROBE_CHAIN)
+    return (f"Conditioning probe ({src} → {tgt}, n={probe['n']}): one-step PSNR with the case's own {src} "
+            f"{probe['psnr_own']:.2f} dB, another case's {src} {probe['psnr_other']:.2f} dB, no image "
+            f"{probe['psnr_none']:.2f} dB; conditioning gap (own - other) {probe['conditioning_gap_db']:+.2f} dB.")
+
+
 def _case_count(rows: Sequence[figures.QualitativeRow]) -> int:
     return len({r.label.split("\n", 1)[0] for r in rows})
 
@@ -610,10 +647,10 @@ def build_table2(frame: pd.DataFrame, methods: Sequence[str], chains: Sequence[s
 
 
 def to_rich(table: Table):  # -> rich.table.Table
-    """A rich table of a :class:`Table`'s display frame (notes as caption)."""
+    """A rich table of a :class:`Table`'s display frame (footer and first note as caption)."""
     from rich.table import Table as RichTable
 
-    rt = RichTable(title=table.title, caption="\n".join(table.notes[:1]), show_lines=False)
+    rt = RichTable(title=table.title, caption="\n".join([*table.footer, *table.notes[:1]]), show_lines=False)
     for c in table.display.columns:
         rt.add_column(str(c), overflow="fold")
     for row in table.display.itertuples(index=False):
@@ -716,12 +753,14 @@ def evaluate(
     bundle = _load(variants["full"], device, size, data)
     recipe = bundle.recipe
     settings = Settings(thinking_tokens, answer_tokens, steps, seed)
+    main_ev = ModelEvaluator(bundle, settings)
     with _progress(progress) as bar:
         task = bar.add_task("evaluate", total=len(cases)) if bar is not None else None
-        main = evaluate_pass(ModelEvaluator(bundle, settings), cases, scen, chains, ensemble=ensemble,
+        main = evaluate_pass(main_ev, cases, scen, chains, ensemble=ensemble,
                              baselines=base, qualitative=QUALITATIVE_CASES,
                              progress=(bar, task) if bar is not None else None)
-    del bundle
+    probe = run_probe(main_ev, cases) if chains else None
+    del main_ev, bundle
     abl1: list[dict[str, Any]] = []
     abl2: list[dict[str, Any]] = []
     abl_seconds: dict[str, float] = {}
@@ -763,6 +802,8 @@ def evaluate(
         methods2 += [m for b, m in (("copy", METHOD_COPY), ("unet", METHOD_UNET), ("two-stage", METHOD_TWO_STAGE))
                      if b in names]
         made["table2"] = build_table2(frame2, methods2, chains, n_boot, seed)
+        if probe is not None:
+            made["table2"].footer.append(probe_line(probe))
     if ablation:
         comps = {name: flags for name, flags in ABLATION_VARIANTS.values()}
         made["table3"] = tables.table3(_frame(abl1, TABLE1_COLUMNS), _frame(abl2, TABLE2_COLUMNS), comps,
@@ -786,7 +827,9 @@ def evaluate(
             "table2": {c: int(((frame2["chain"] == c) & (frame2["method"] == METHOD_UNIFIED)).sum()) for c in chains},
         },
         "seconds": {"total": None, "baselines_fit": t_fit, "per_case_mean": per_case,
-                    "per_case": [round(s, 3) for s in main.seconds], "ablation_per_case_mean": abl_seconds or None},
+                    "per_case": [round(s, 3) for s in main.seconds], "ablation_per_case_mean": abl_seconds or None,
+                    "probe": probe["seconds"] if probe is not None else None},
+        "probe": {k: v for k, v in probe.items() if k != "seconds"} if probe is not None else None,
         "tables": {k: t.summary.to_dict("records") for k, t in made.items()},
     }
 
