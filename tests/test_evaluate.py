@@ -189,7 +189,7 @@ def test_copy_row_matches_the_baseline(full_run: R.EvalResult, slices: Path):
     for case in cases:
         if case.case_id == "te2":
             continue
-        img = copy.impute(case.images, None, case.brain, ("t1",), "t2")
+        img = copy.impute(case.images, None, case.input_brain(("t1",)), ("t1",), "t2")
         row = frame[(frame["method"] == R.METHOD_COPY) & (frame["chain"] == "t1->t2") & (frame["case_id"] == case.case_id)]
         assert row["psnr"].item() == pytest.approx(R.image_scores(img, case.image("t2"), case.brain)["psnr"])
 
@@ -209,7 +209,8 @@ def test_truth_imputation_scores_the_cap(ckpt, slices, tmp_path, monkeypatch):
 def test_copy_imputation_equals_the_copy_row(ckpt, slices, tmp_path, monkeypatch):
     copy = fit_copy_nearest(slices, "train")
     monkeypatch.setattr(R.ModelEvaluator, "chain_images",
-                        lambda self, case, inputs, target, seeds: [copy.impute(case.images, None, case.brain, inputs,
+                        lambda self, case, inputs, target, seeds: [copy.impute(case.images, None,
+                                                                               case.input_brain(inputs), inputs,
                                                                                target)] * len(seeds))
     res = R.evaluate(ckpt, slices, tmp_path / "E", scenarios="complete", chain=True,
                      **{**FAST, "baselines": "copy"})
@@ -258,6 +259,95 @@ def test_ablation_table(ckpt, slices, tmp_path):
         (root / "C").unlink()
         (root / "full").unlink()
         R.evaluate(root, slices, tmp_path / "E2", ablation=True, **FAST)
+
+
+def test_probe_in_eval_json_and_tables(full_run: R.EvalResult, ckpt, slices):
+    """The T1 -> T2 conditioning probe runs with the chains: eval.json and the line under Table 2."""
+    from unibrain_cli.evaluation.probe import conditioning_probe
+
+    summary = json.loads((full_run.out / "eval.json").read_text())
+    probe = summary["probe"]
+    assert probe["n"] == 2 and probe["case_ids"] == ["te0", "te1"] and probe["chain"] == "t1->t2"
+    for k in ("own", "other", "none", "psnr_own", "psnr_other", "psnr_none", "conditioning_gap_db"):
+        assert isinstance(probe[k], float) and np.isfinite(probe[k]), k
+    assert probe["conditioning_gap_db"] == pytest.approx(probe["psnr_own"] - probe["psnr_other"], abs=1e-12)
+    assert summary["seconds"]["probe"] > 0
+    # the same computation as `python -m unibrain_cli.evaluation.probe RUN SLICES`
+    alone = conditioning_probe(ckpt, slices, split="test")
+    assert {k: pytest.approx(v, rel=1e-5) for k, v in alone.items()} == {k: probe[k] for k in alone}
+    line = R.probe_line(probe)
+    assert line.startswith("Conditioning probe (T1w → T2w, n=2)") and f"{probe['conditioning_gap_db']:+.2f} dB" in line
+    assert line in (full_run.out / "tables.md").read_text() and line in (full_run.out / "table2.md").read_text()
+    assert full_run.tables["table2"].footer == [line]
+
+
+def test_no_probe_without_chains(ckpt, slices, tmp_path):
+    res = R.evaluate(ckpt, slices, tmp_path / "E", scenarios="complete", chain=False, max_cases=1, **FAST)
+    assert res.summary["probe"] is None and json.loads((tmp_path / "E" / "eval.json").read_text())["probe"] is None
+    assert "Conditioning probe" not in (tmp_path / "E" / "tables.md").read_text()
+
+
+def ring_case(size: int = S) -> R.EvalCase:
+    """T1 only inside a small disc; T2, FLAIR and T1ce also in a ring around it (the target's brain
+    extends beyond the inputs'). The stored brain is the union (the larger disc), like the slicer's."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    r = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2)
+    inner, outer = r <= 0.25 * size, r <= 0.45 * size
+    rng = np.random.default_rng(1)
+    images = np.zeros((6, size, size), np.float32)
+    for c, m in enumerate(MODALITIES[:4]):
+        images[c] = (0.3 + 0.6 * rng.random((size, size))) * (inner if m == "t1" else outer)
+    images[0, size // 2, size // 2] = 0.0  # a normalisation pinhole inside the T1 brain
+    return R.EvalCase(slice_id="ring:0", case_id="ring", diseases=("glioma",), present=FULL, images=images,
+                      brain=outer, impression="glioma")
+
+
+def test_input_brain_is_the_inputs_mask():
+    case = ring_case()
+    inner = case.image("t1") > 0
+    inner[S // 2, S // 2] = True  # the hole is filled
+    assert np.array_equal(case.input_brain(("t1",)), inner)
+    assert np.array_equal(case.input_brain(("t1", "t2")), case.brain)
+    assert case.brain.sum() > inner.sum()
+
+
+def test_no_method_takes_the_targets_extent(ckpt, slices, monkeypatch):
+    """Every prediction (UniBrain, ensemble, copy-nearest, U-Net, two-stage, Table-1 imputations) is
+    zeroed outside the INPUTS' mask, never given the target's brain extent."""
+    import torch
+
+    from unibrain_cli.evaluation.baselines import UNetBaseline, UNetConfig
+    from unibrain_cli.inference.checkpoint import load_for_inference
+
+    case = ring_case()
+    inner, ring = case.input_brain(("t1",)), case.brain & ~case.input_brain(("t1",))
+    scored: list[np.ndarray] = []
+    generated: list[np.ndarray] = []
+    real_scores, real_chain = R.image_scores, R.impute_chain
+
+    def scores(pred, ref, brain):
+        assert brain is case.brain  # the evaluation region stays the reference brain
+        scored.append(np.asarray(pred))
+        return real_scores(pred, ref, brain)
+
+    def chain(*args, **kwargs):
+        res = real_chain(*args, **kwargs)
+        generated.extend(v.numpy() for v in res.images.values())
+        return res
+
+    monkeypatch.setattr(R, "image_scores", scores)
+    monkeypatch.setattr(R, "impute_chain", chain)
+    torch.manual_seed(0)
+    base = R.Baselines(copy=fit_copy_nearest(slices, "train"), unets={"t1->t2": UNetBaseline(UNetConfig(("t1",), "t2"))},
+                       names=("copy", "unet", "two-stage"))
+    ev = R.ModelEvaluator(load_for_inference(ckpt), R.Settings(thinking_tokens=0, answer_tokens=0))
+    res = R.evaluate_pass(ev, [case], ("t1",), ("t1->t2",), understanding=False, ensemble=2, baselines=base)
+    assert [r["method"] for r in res.table2] == [R.METHOD_UNIFIED, "UniBrain* (2 seeds)", R.METHOD_COPY,
+                                                 R.METHOD_UNET, R.METHOD_TWO_STAGE]
+    assert len(scored) == 5 and len(generated) == 4  # t2, flair, t1ce (Table 1) + the second seed's t2
+    for img in scored + generated:
+        assert not img[~inner].any() and img[inner].any()
+    assert ring.sum() > 100
 
 
 def test_table1_first_target_is_the_table2_chain_image(ckpt, slices):
@@ -342,4 +432,5 @@ def test_cli_steps_reach_the_sampler(ckpt, slices, tmp_path):
         assert res.exit_code == 0, res.output
         assert json.loads((out / "eval.json").read_text())["sample_steps"] == int(steps)
         psnr[steps] = pd.read_csv(out / "table2_cases.csv")["psnr"].to_numpy(dtype=float)
+        assert "Conditioning probe" in res.output  # the line under Table 2 in the terminal
     assert psnr["1"].size > 0 and psnr["1"].shape == psnr["2"].shape and not np.allclose(psnr["1"], psnr["2"])

@@ -35,3 +35,32 @@ def test_probe_needs_two_slices(setup: tuple[Path, Path], capsys: pytest.Capture
         conditioning_probe(ckpt, slices, split="test", target="flair")  # case11 of the test split has no FLAIR
     main([str(ckpt), str(slices), "--max-slices", "2"])
     assert '"n": 2' in capsys.readouterr().out
+
+
+def test_probe_masks_with_the_input_only(setup: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-step estimate is zeroed outside the slice's own INPUT mask, never the target's extent."""
+    import numpy as np
+
+    from unibrain_cli.evaluation import probe
+    from unibrain_cli.inference.checkpoint import load_for_inference
+    from unibrain_cli.inference.diagnose import engine_for
+
+    ckpt, _ = setup
+    size = 32
+    yy, xx = np.mgrid[0:size, 0:size]
+    r = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2)
+    inner, outer = r <= 8, r <= 14
+    rng = np.random.default_rng(0)
+    pairs = [((0.3 + 0.6 * rng.random((size, size)) * inner).astype(np.float32) * inner,
+              ((0.3 + 0.6 * rng.random((size, size))) * outer).astype(np.float32)) for _ in range(2)]
+    seen: list[np.ndarray] = []
+    real = probe.psnr
+
+    def spy(pred: np.ndarray, ref: np.ndarray) -> float:
+        seen.append(pred)
+        return real(pred, ref)
+
+    monkeypatch.setattr(probe, "psnr", spy)
+    res = probe.probe_slices(engine_for(load_for_inference(ckpt)), pairs, times=(0.5,))
+    assert res["n"] == 2 and res["conditioning_gap_db"] == res["psnr_own"] - res["psnr_other"]
+    assert len(seen) == 6 and all(not p[~inner].any() and p[inner].any() for p in seen)

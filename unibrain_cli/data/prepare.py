@@ -177,6 +177,17 @@ def reference_grid(volumes: dict[str, Volume]) -> tuple[str, Volume]:
     return ref_mod, resample_spacing(ref, TARGET_SPACING)
 
 
+def nonzero_union(arrays: Iterable[np.ndarray]) -> np.ndarray:
+    """The brain-mask rule of ``prepare``: bool mask of the voxels nonzero in at least one of
+    ``arrays`` (one or more arrays of the same shape, any dimensionality)."""
+    mask: np.ndarray | None = None
+    for arr in arrays:
+        mask = np.asarray(arr) != 0 if mask is None else mask | (np.asarray(arr) != 0)
+    if mask is None:
+        raise ValueError("nonzero_union needs at least one array")
+    return mask
+
+
 def normalise_intensity(array: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Clip to the 0.5/99.5 percentiles over ``brain`` voxels and map to [0, 1] (background 0).
 
@@ -233,9 +244,7 @@ def preprocess_case(source: CaseSource) -> tuple[dict[str, Volume], dict[str, An
         else:
             on_grid = vol if _same_grid(vol, shape, affine) else resample_to(vol, shape, affine)
         arrays[mod] = on_grid.array.astype(np.float32, copy=False)
-    brain = np.zeros(shape, dtype=bool)
-    for arr in arrays.values():
-        brain |= arr != 0
+    brain = nonzero_union(arrays.values())
     if not brain.any():
         raise CaseFailure([Problem(cid, str(source.volumes[ref_mod]), "empty_volume",
                                    "every modality is zero on the case grid")])

@@ -94,6 +94,27 @@ def choose_slices(mask: np.ndarray, brain: np.ndarray, per_case: int, all_lesion
     return [(k, i == 0) for i, k in enumerate(chosen)]
 
 
+def slice_brain_mask(images: np.ndarray) -> np.ndarray:
+    """Brain mask of normalised slices from their own pixels: images [K, S, S] (K >= 1 modalities of
+    one slice, [0, 1], 0 outside the brain) -> bool [S, S].
+
+    The ``prepare`` rule (:func:`~unibrain_cli.data.prepare.nonzero_union`: nonzero in any of the
+    given modalities) with holes filled: the [0, 1] normalisation maps each modality's darkest 0.5 %
+    of brain voxels to exactly 0, so the nonzero pixels of one or a few normalised modalities have
+    pinholes inside the brain (dark CSF on T1) that the prepare-time mask did not have. Given only a
+    case's available inputs, this is the mask ``unibrain impute`` would know (its brain mask is the
+    inputs' union too); the slices' stored ``brain`` is the union over ALL the case's modalities.
+    """
+    from scipy import ndimage
+
+    from unibrain_cli.data.prepare import nonzero_union
+
+    images = np.asarray(images)
+    if images.ndim != 3 or images.shape[0] < 1:
+        raise ValueError(f"images must be [K >= 1, S, S], got {images.shape}")
+    return ndimage.binary_fill_holes(nonzero_union(images))
+
+
 def crop_box(brain: np.ndarray) -> tuple[int, int, int, int]:
     """(row0, row1, col0, col1), end-exclusive, of the brain's union over all axial slices,
     in :func:`axial_slice` coordinates. An empty brain gives the full plane."""

@@ -12,7 +12,7 @@ Two baselines, both with the same call :meth:`impute(images, present, brain, inp
   per-pair linear regression because it needs no source/target pairing and handles the
   non-linear contrast differences between sequences; being monotone it cannot invert
   contrast (T1 -> T2 CSF), which is what makes it a floor, not a competitor.
-  Output is 0 outside the brain mask, like the prepared data.
+  Output is 0 outside the given brain mask (evaluation: the inputs' mask), like the prepared data.
 - :class:`UNetBaseline` ("unet"): a supervised U-Net image-to-image regressor, **one model
   per chain** (T1 -> T2; T1,T2 -> FLAIR; T1,T2,FLAIR -> T1ce; see :data:`CHAINS`), as the
   paper's generative baselines are per-task imputers. Inputs are the chain's modality
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from skimage.exposure import match_histograms
 from torch import nn
 
+from unibrain_cli.data.slicing import slice_brain_mask
 from unibrain_cli.errors import UserError
 from unibrain_cli.evaluation.slices_data import SliceDataset
 from unibrain_cli.io.atomic import atomic_dir, write_text
@@ -141,8 +142,9 @@ class CopyNearestBaseline:
         """Impute ``target`` from the modalities in ``inputs`` that are present.
 
         images float [N, 6, S, S] (or [6, S, S]) in [0, 1]; present bool [N, 6] (None: a channel
-        is present when non-zero); brain bool [N, S, S] (None: union of the present inputs > 0).
-        Returns float32 [N, S, S] (or [S, S]) in [0, 1], 0 outside the brain.
+        is present when non-zero); brain bool [N, S, S] (None: the present inputs' own mask,
+        :func:`~unibrain_cli.data.slicing.slice_brain_mask`). Evaluation passes the inputs' mask
+        (never the target's). Returns float32 [N, S, S] (or [S, S]) in [0, 1], 0 outside the brain.
         """
         if target not in self.templates:
             raise UserError(f"copy-nearest baseline has no training histogram for {target}; "
@@ -156,7 +158,7 @@ class CopyNearestBaseline:
             if brain is not None:
                 region = brain[i]
             else:
-                region = (images[i, [MODALITIES.index(m) for m in avail]] > 0).any(axis=0)
+                region = slice_brain_mask(images[i, [MODALITIES.index(m) for m in avail]])
             if region.any():
                 out[i][region] = match_histograms(src[region], template)
         np.clip(out, 0.0, 1.0, out=out)
@@ -308,7 +310,7 @@ class UNetBaseline:
         """Target modality float32 [N, S, S] (or [S, S]) in [0, 1] from images [N, 6, S, S].
 
         ``present`` bool [N, 6] (None: non-zero channels); with ``brain`` [N, S, S] the output
-        is zeroed outside the brain mask.
+        is zeroed outside that mask (evaluation passes the inputs' mask, never the target's).
         """
         images, present, brain, single = _batched(images, present, brain)
         was_training = self.net.training

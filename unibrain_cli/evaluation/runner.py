@@ -28,6 +28,25 @@ train split), ``unet`` (one U-Net per chain, ``unet_steps``) and ``two-stage`` (
 the understanding-only path: its usability). The first imputed target of a Table-1 chain is the same
 computation as the matching Table-2 chain (same context and seed), so it is computed once.
 
+Masks (one rule for every method: UniBrain, the ensemble, copy-nearest, U-Net, two-stage, and the
+Table-1 imputations):
+
+- the prediction: every generated or baseline slice is zeroed outside the *input mask*
+  (:meth:`EvalCase.input_brain`): the nonzero pixels of the chain's (scenario's) real INPUT slices,
+  holes filled (:func:`~unibrain_cli.data.slicing.slice_brain_mask`, the ``prepare`` brain rule
+  applied to the inputs only). Nothing derived from the target modality ever multiplies or shapes
+  a prediction; a target whose brain extends beyond its inputs' is scored with those pixels at 0.
+- the evaluation region of ``psnr_brain`` / ``ssim_brain``: the *reference brain*, the slice's
+  stored ``brain`` mask (:attr:`EvalCase.brain`: the union of all the case's modalities, target
+  included). It is a property of the ground truth, the same for every method, and only selects
+  which pixels are scored; it never touches a prediction.
+
+Conditioning probe (with ``chain=True``): the T1 -> T2 probe of
+:mod:`~unibrain_cli.evaluation.probe` on the evaluated cases that have T1 and T2 (the first
+:data:`PROBE_MAX_SLICES`, at least 2): one-step PSNR with the case's own T1, another case's T1 or
+no image, and ``conditioning_gap_db = psnr_own - psnr_other``; written to eval.json (``probe``) and
+as one line under Table 2.
+
 Table 3 (``ablation=True``): ``ckpt`` is a folder holding one training run (or model folder) per
 variant::
 
@@ -44,7 +63,7 @@ Outputs (EVAL, written to a temporary folder renamed into place at the end)::
     table1_cases.csv, table2_cases.csv   one row per method x scenario/chain x case
     table1.{csv,md}, table2.{csv,md}, table3.{csv,md} (ablation), tables.md
     qualitative.png, bars_top1.png, bars_psnr.png (with --chain)
-    eval.json                             settings, cohort sizes, timings, table summaries
+    eval.json                             settings, cohort sizes, timings, table summaries, probe
     recipe.resolved.toml                  the checkpoint's recipe
 """
 
@@ -64,6 +83,7 @@ import pandas as pd
 import torch
 
 from unibrain_cli.data import templates
+from unibrain_cli.data.slicing import slice_brain_mask
 from unibrain_cli.errors import UserError
 from unibrain_cli.evaluation import figures, tables
 from unibrain_cli.evaluation.baselines import (
@@ -84,6 +104,8 @@ from unibrain_cli.evaluation.metrics import (
     ssim,
     top1_hits,
 )
+from unibrain_cli.evaluation.probe import MAX_SLICES as PROBE_MAX_SLICES
+from unibrain_cli.evaluation.probe import probe_slices
 from unibrain_cli.evaluation.scenarios import (
     CHAIN_KEYS,
     canonical,
@@ -150,7 +172,9 @@ class EvalCase:
     """One case's evaluation slice.
 
     ``images`` float32 [6, S, S] in [0, 1] (MODALITIES order, zeros where absent); ``brain`` bool
-    [S, S]; ``present`` the case's modalities in canonical order; ``diseases`` its classes.
+    [S, S], the stored reference brain (union over ALL the case's modalities: an evaluation region
+    only, never applied to a prediction; see :meth:`input_brain`); ``present`` the case's modalities
+    in canonical order; ``diseases`` its classes.
     """
 
     slice_id: str
@@ -164,6 +188,11 @@ class EvalCase:
     def image(self, modality: str) -> np.ndarray:
         """Slice [S, S] of ``modality``."""
         return self.images[MODALITIES.index(modality)]
+
+    def input_brain(self, inputs: Sequence[str]) -> np.ndarray:
+        """bool [S, S]: the brain as seen from the ``inputs`` slices only
+        (:func:`~unibrain_cli.data.slicing.slice_brain_mask`); never uses a target modality."""
+        return slice_brain_mask(self.images[[MODALITIES.index(m) for m in inputs]])
 
 
 def parse_baselines(value: str | Sequence[str] | None, where: str = "--baselines") -> tuple[str, ...]:
@@ -266,7 +295,12 @@ def _hit(pred: str | None, case: EvalCase) -> float:
 
 
 def image_scores(pred: np.ndarray, ref: np.ndarray, brain: np.ndarray) -> dict[str, float]:
-    """PSNR/SSIM full field and in the brain (NaN in the brain when the mask is empty)."""
+    """PSNR/SSIM full field and in the evaluation region ``brain`` (NaN there when it is empty).
+
+    ``brain`` is the reference brain (:attr:`EvalCase.brain`, a property of the ground truth); it
+    selects the scored pixels only. ``pred`` must already be masked by the inputs' mask
+    (:meth:`EvalCase.input_brain`), never by anything derived from ``ref``.
+    """
     if brain.any():
         return imputation_metrics(pred, ref, brain)
     return {"psnr": psnr(pred, ref), "ssim": ssim(pred, ref), "psnr_brain": math.nan, "ssim_brain": math.nan}
@@ -360,7 +394,7 @@ class ModelEvaluator:
         t0 = time.perf_counter()
         res = impute_chain(self.engine, self._tensors(case, inputs), list(targets), s.seed,
                            thinking_tokens=s.thinking_tokens, answer_tokens=0,
-                           brain=torch.from_numpy(case.brain.astype(np.float32)),
+                           brain=torch.from_numpy(case.input_brain(inputs).astype(np.float32)),
                            start=self.start(case, inputs), steps=s.steps)
         if targets:
             self.memo.setdefault((inputs, targets[0], s.seed), res.images[targets[0]].numpy())
@@ -389,7 +423,7 @@ class ModelEvaluator:
             if key not in self.memo:
                 res = impute_chain(self.engine, self._tensors(case, inputs), [target], int(seed),
                                    thinking_tokens=s.thinking_tokens, answer_tokens=0,
-                                   brain=torch.from_numpy(case.brain.astype(np.float32)),
+                                   brain=torch.from_numpy(case.input_brain(inputs).astype(np.float32)),
                                    start=self.start(case, inputs), steps=s.steps)
                 self.memo[key] = res.images[target].numpy()
             out.append(self.memo[key])
@@ -474,7 +508,7 @@ def evaluate_pass(
                     mean = np.mean(np.stack(images), axis=0)
                     rows.append((ensemble_name(ensemble), mean, ev.usability(case, target, mean)))
             if baselines is not None:
-                args = (case.images, None, case.brain, inputs, target)
+                args = (case.images, None, case.input_brain(inputs), inputs, target)
                 if baselines.copy is not None:
                     rows.append((METHOD_COPY, baselines.copy.impute(*args), math.nan))
                 if key in baselines.unets:
@@ -501,6 +535,35 @@ def evaluate_pass(
         if progress is not None:
             progress[0].advance(progress[1])
     return res
+
+
+#: The probe's (input, target): the paper's first chain, T1 -> T2.
+PROBE_CHAIN: tuple[str, str] = ("t1", "t2")
+
+
+def run_probe(ev: ModelEvaluator, cases: Sequence[EvalCase]) -> dict[str, Any] | None:
+    """The T1 -> T2 conditioning probe (:func:`~unibrain_cli.evaluation.probe.probe_slices`) on the
+    first :data:`PROBE_MAX_SLICES` of ``cases`` holding T1 and T2, with the evaluator's engine and
+    seed. Adds ``chain``, ``case_ids`` and ``seconds``; None with fewer than 2 such cases (or a model
+    that does not know both modalities)."""
+    src, tgt = PROBE_CHAIN
+    if src not in ev.known or tgt not in ev.known:
+        return None
+    picked = [c for c in cases if src in c.present and tgt in c.present][:PROBE_MAX_SLICES]
+    if len(picked) < 2:
+        return None
+    t0 = time.perf_counter()
+    res = probe_slices(ev.engine, [(c.image(src), c.image(tgt)) for c in picked], src, tgt, seed=ev.settings.seed)
+    return {"chain": chain_key((src,), tgt), **res, "case_ids": [c.case_id for c in picked],
+            "seconds": time.perf_counter() - t0}
+
+
+def probe_line(probe: dict[str, Any]) -> str:
+    """The one-line summary of :func:`run_probe`'s result shown under Table 2."""
+    src, tgt = (tables.PAPER_MODALITY[m] for m in PROBE_CHAIN)
+    return (f"Conditioning probe ({src} → {tgt}, n={probe['n']}): one-step PSNR with the case's own {src} "
+            f"{probe['psnr_own']:.2f} dB, another case's {src} {probe['psnr_other']:.2f} dB, no image "
+            f"{probe['psnr_none']:.2f} dB; conditioning gap (own - other) {probe['conditioning_gap_db']:+.2f} dB.")
 
 
 def _case_count(rows: Sequence[figures.QualitativeRow]) -> int:
@@ -584,10 +647,10 @@ def build_table2(frame: pd.DataFrame, methods: Sequence[str], chains: Sequence[s
 
 
 def to_rich(table: Table):  # -> rich.table.Table
-    """A rich table of a :class:`Table`'s display frame (notes as caption)."""
+    """A rich table of a :class:`Table`'s display frame (footer and first note as caption)."""
     from rich.table import Table as RichTable
 
-    rt = RichTable(title=table.title, caption="\n".join(table.notes[:1]), show_lines=False)
+    rt = RichTable(title=table.title, caption="\n".join([*table.footer, *table.notes[:1]]), show_lines=False)
     for c in table.display.columns:
         rt.add_column(str(c), overflow="fold")
     for row in table.display.itertuples(index=False):
@@ -690,12 +753,14 @@ def evaluate(
     bundle = _load(variants["full"], device, size, data)
     recipe = bundle.recipe
     settings = Settings(thinking_tokens, answer_tokens, steps, seed)
+    main_ev = ModelEvaluator(bundle, settings)
     with _progress(progress) as bar:
         task = bar.add_task("evaluate", total=len(cases)) if bar is not None else None
-        main = evaluate_pass(ModelEvaluator(bundle, settings), cases, scen, chains, ensemble=ensemble,
+        main = evaluate_pass(main_ev, cases, scen, chains, ensemble=ensemble,
                              baselines=base, qualitative=QUALITATIVE_CASES,
                              progress=(bar, task) if bar is not None else None)
-    del bundle
+    probe = run_probe(main_ev, cases) if chains else None
+    del main_ev, bundle
     abl1: list[dict[str, Any]] = []
     abl2: list[dict[str, Any]] = []
     abl_seconds: dict[str, float] = {}
@@ -737,6 +802,8 @@ def evaluate(
         methods2 += [m for b, m in (("copy", METHOD_COPY), ("unet", METHOD_UNET), ("two-stage", METHOD_TWO_STAGE))
                      if b in names]
         made["table2"] = build_table2(frame2, methods2, chains, n_boot, seed)
+        if probe is not None:
+            made["table2"].footer.append(probe_line(probe))
     if ablation:
         comps = {name: flags for name, flags in ABLATION_VARIANTS.values()}
         made["table3"] = tables.table3(_frame(abl1, TABLE1_COLUMNS), _frame(abl2, TABLE2_COLUMNS), comps,
@@ -760,7 +827,9 @@ def evaluate(
             "table2": {c: int(((frame2["chain"] == c) & (frame2["method"] == METHOD_UNIFIED)).sum()) for c in chains},
         },
         "seconds": {"total": None, "baselines_fit": t_fit, "per_case_mean": per_case,
-                    "per_case": [round(s, 3) for s in main.seconds], "ablation_per_case_mean": abl_seconds or None},
+                    "per_case": [round(s, 3) for s in main.seconds], "ablation_per_case_mean": abl_seconds or None,
+                    "probe": probe["seconds"] if probe is not None else None},
+        "probe": {k: v for k, v in probe.items() if k != "seconds"} if probe is not None else None,
         "tables": {k: t.summary.to_dict("records") for k, t in made.items()},
     }
 

@@ -81,13 +81,17 @@ def chain_label(key: str) -> str:
 
 @dataclass
 class Table:
-    """A finished table: ``summary`` (numbers, for CSV) and ``display`` (strings, for markdown)."""
+    """A finished table: ``summary`` (numbers, for CSV) and ``display`` (strings, for markdown).
+
+    ``footer``: result lines shown right under the rows (markdown and terminal), before the ``notes``.
+    """
 
     name: str
     title: str
     summary: pd.DataFrame
     display: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    footer: list[str] = field(default_factory=list)
 
     def markdown(self) -> str:
         """A GitHub-flavoured markdown table with title and notes."""
@@ -96,6 +100,9 @@ class Table:
                  "|" + "|".join("---" for _ in cols) + "|"]
         for row in self.display.itertuples(index=False):
             lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
+        if self.footer:
+            lines.append("")
+            lines.extend(self.footer)
         if self.notes:
             lines.append("")
             lines.extend(self.notes)

@@ -155,9 +155,9 @@ class DHSTrainModule(UnifiedTrainModule):
                   vae_data=lambda it: gen_lat[it.slot] if it.slot >= 0 else lat[it.image])
         return b.build(lat.device)
 
-    def _noisy_block(self, batch: TrainBatch, x: Tensor) -> PackedSequence:
+    def _noisy_block(self, batch: TrainBatch, x: Tensor, modality: int = -1) -> PackedSequence:
         b = self.model.builder(batch.markers)
-        b.add_vae_image(self.geom.latent_grid, noisy=True, timestep=1.0, latents=x)
+        b.add_vae_image(self.geom.latent_grid, noisy=True, timestep=1.0, latents=x, modality=modality)
         return b.build(x.device)
 
     def plan(self, batch: TrainBatch) -> list[list[tuple[str, list[Item]]]]:
@@ -252,7 +252,7 @@ class DHSTrainModule(UnifiedTrainModule):
                     raise ValueError(f"slot {slot}: flow time {float(batch.timesteps[slot])} is not the rollout "
                                      f"time {ts[k_exit]} of its exit step {k_exit}")
                 x = batch.noise[slot].to(lat.dtype)
-                block = self._noisy_block(batch, x)
+                block = self._noisy_block(batch, x, items[0].modality)
                 for k, (t, t_next) in enumerate(zip(ts[:-1], ts[1:], strict=True)):
                     if k == k_exit:
                         states[slot] = x
