@@ -605,3 +605,43 @@ def test_geometry_of_the_bagel_recipe_resizes_the_vit_view() -> None:
     tiny = load_recipe("tiny")
     assert ImageGeometry.from_config(tiny.model, 32).vit_size == 32
     assert ImageGeometry.from_config(tiny.model, 96).problems()  # 12 patches > table side 8
+
+
+def test_dhs_aligned_slots_hold_the_generated_images(pipeline: Path, slices: Path) -> None:
+    """With model.aligned_context on (added at zero to the pipeline's export), a later target's aligned slot of
+    an earlier generated target holds the rollout's generated latent, never its ground truth; the cached
+    rollout (slots from the cache) and the packed forward (slots from the pack) agree."""
+    recipe = recipe_with(VAE, {"name": "unified", "steps": 1}, {"name": "dhs", "steps": 1, "dhs_rollout_steps": 1},
+                         extra=("model.aligned_context=on",))
+    stage = DHSStage(ctx_for(recipe, 2, slices, pipeline))
+    module = stage.build_model()
+    aligned = module.model.aligned_context
+    assert aligned is not None and not aligned.weight.any()  # added at zero to a model trained without it
+    with torch.no_grad():
+        aligned.weight.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
+    batch = None
+    for pos in range(80):
+        cand = stage.next_batch(pos, stage_generator(pos, 3, 0))["batch"]
+        if any(sum(isinstance(it, ImageItem) and it.noisy and not it.sa for it in items) >= 2 for items in cand.samples):
+            batch = cand
+            break
+    assert batch is not None, "no DHS batch with two generated targets in one sample"
+    with torch.no_grad():
+        lat, vit = module.encode_images(batch.pixels)
+        r = module.rollout(batch, lat, vit)
+        filled = fill_pack(batch, lat, vit, r.gen_lat, r.gen_vit, r.states, ~batch.slot_sa)
+        stack = aligned.stack(filled.packed).reshape(batch.num_slots, -1, aligned.weight.shape[1])
+        v = module.model(filled.packed, logits_at="none", velocity_at="noisy").velocity
+    d = aligned.latent_dim
+    checked = 0
+    for items in batch.samples:
+        gens = [it for it in items if isinstance(it, ImageItem) and it.noisy and not it.sa]
+        for first, later in zip(gens, gens[1:], strict=False):
+            cols = slice(first.modality * (d + 1), first.modality * (d + 1) + d)
+            assert torch.equal(stack[later.slot, :, cols], r.gen_lat[first.slot].to(stack.dtype))
+            assert not torch.allclose(stack[later.slot, :, cols], lat[first.image].to(stack.dtype))
+            checked += 1
+    assert checked >= 1
+    v = v.reshape(batch.num_slots, -1, v.shape[-1])
+    gen = ~batch.slot_sa
+    assert torch.allclose(batch.noise[gen] - v[gen], r.sampled[gen], atol=1e-4)

@@ -208,6 +208,19 @@ def train_stages_small() -> dict[str, Any]:
     return bench_stages(recipe_name="small", repeats=2, rollout_steps=10)
 
 
+@bench("flow_signal_small")
+def flow_signal_small() -> dict[str, Any]:
+    """Flow-loss target tokens per `unified` micro-batch and per second: `small` before issue 13 vs today."""
+    from unibrain_cli.training.bench import SMALL_BEFORE, bench_flow_signal
+
+    before = bench_flow_signal("small", SMALL_BEFORE)
+    after = bench_flow_signal("small")
+    return {"before": before, "after": after,
+            "flow_tokens_per_step_ratio": round(after["flow_tokens"] / before["flow_tokens"], 2),
+            "flow_tokens_per_s_ratio": round(after["flow_tokens_per_s"] / before["flow_tokens_per_s"], 2),
+            "note": "random plans of one 4-modality record, fresh models; 'before' = small.toml of 2026-11-29"}
+
+
 @bench("synth_prepare")
 def synth_prepare() -> dict[str, Any]:
     """Phantom generation (20 cases at 2 mm) and `prepare` throughput (cases/s, 2 workers)."""

@@ -27,6 +27,8 @@ def evaluate(
     answer_tokens: int = typer.Option(96, "--answer-tokens", min=0, help="Bound on the generated answer."),
     seed: int = SEED,
     steps: int | None = STEPS,
+    cfg_img_scale: float | None = typer.Option(None, "--cfg-img-scale", help="Image guidance scale of the "
+                                               "sampler (default: the recipe's flow.cfg_img_scale; 1 = off)."),
     device: str = DEVICE,
     out_dir: Path | None = typer.Option(None, "--out", "-o", help="Evaluation output folder (empty unless --force)."),
     force: bool = typer.Option(False, "--force", help="Allow a non-empty --out (it is replaced)."),
@@ -44,7 +46,7 @@ def evaluate(
                           ablation=ablation, ratescore_models=ratescore_models, baselines=baselines,
                           unet_steps=unet_steps, max_cases=max_cases, seed=seed, steps=steps, device=device,
                           progress=not STATE.quiet, force=force, thinking_tokens=thinking_tokens,
-                          answer_tokens=answer_tokens)
+                          answer_tokens=answer_tokens, cfg_img_scale=cfg_img_scale)
     console = Console()
     for table in result.tables.values():
         console.print(to_rich(table))

@@ -69,6 +69,7 @@ Outputs (EVAL, written to a temporary folder renamed into place at the end)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -701,9 +702,13 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def _load(folder: Path, device: str, size: int, data: str | Path) -> InferenceBundle:
+def _load(folder: Path, device: str, size: int, data: str | Path, cfg_img_scale: float | None = None
+          ) -> InferenceBundle:
     bundle = load_for_inference(folder, device)
     check_sizes(bundle, size, folder, data)
+    if cfg_img_scale is not None:  # image guidance of the sampler instead of the recipe's
+        flow = dataclasses.replace(bundle.recipe.flow, cfg_img_scale=float(cfg_img_scale))
+        bundle = bundle._replace(recipe=dataclasses.replace(bundle.recipe, flow=flow))
     return bundle
 
 
@@ -727,6 +732,7 @@ def evaluate(
     force: bool = False,
     thinking_tokens: int = DEFAULT_THINKING_TOKENS,
     answer_tokens: int = DEFAULT_ANSWER_TOKENS,
+    cfg_img_scale: float | None = None,
 ) -> EvalResult:
     """Evaluate a checkpoint on a SLICES folder like the paper's Tables 1-3 (module docstring)."""
     t_start = time.perf_counter()
@@ -740,6 +746,8 @@ def evaluate(
         raise UserError("token bounds must be >= 0", "--thinking-tokens/--answer-tokens")
     if steps is not None and steps < 1:
         raise UserError(f"must be >= 1, got {steps}", "--steps")
+    if cfg_img_scale is not None and not (math.isfinite(cfg_img_scale) and cfg_img_scale >= 0):
+        raise UserError(f"must be a finite number >= 0, got {cfg_img_scale}", "--cfg-img-scale")
     out_dir = check_out_dir(out, force)
     rate_reason = ratescore_unavailable_reason(ratescore_models)
     if data is None:
@@ -750,7 +758,7 @@ def evaluate(
     base = fit_baselines(data, names, chains, unet_steps, seed, device, progress) if chains and names else Baselines()
     t_fit = time.perf_counter() - t_start
 
-    bundle = _load(variants["full"], device, size, data)
+    bundle = _load(variants["full"], device, size, data, cfg_img_scale)
     recipe = bundle.recipe
     settings = Settings(thinking_tokens, answer_tokens, steps, seed)
     main_ev = ModelEvaluator(bundle, settings)
@@ -772,7 +780,7 @@ def evaluate(
                                   [r for r in main.table2 if r["method"] == METHOD_UNIFIED and r["chain"] == chain3],
                                   main.seconds)
             else:
-                ev = ModelEvaluator(_load(variants[variant], device, size, data), settings)
+                ev = ModelEvaluator(_load(variants[variant], device, size, data, cfg_img_scale), settings)
                 with _progress(progress) as bar:
                     task = bar.add_task(f"ablation {variant}", total=len(cases)) if bar is not None else None
                     part = evaluate_pass(ev, cases, ("t1",), (chain3,) if unified else (), unified=unified,
@@ -820,7 +828,8 @@ def evaluate(
         "cases": len(cases), "case_ids": [c.case_id for c in cases],
         "scenarios": list(scen), "chains": list(chains), "ensemble": ensemble, "baselines": list(names),
         "seed": seed, "device": device, "thinking_tokens": thinking_tokens, "answer_tokens": answer_tokens,
-        "sample_steps": steps or recipe.flow.sample_steps, "unet_steps": unet_steps if base.unets else None,
+        "sample_steps": steps or recipe.flow.sample_steps, "cfg_img_scale": recipe.flow.cfg_img_scale,
+        "cfg_text_scale": recipe.flow.cfg_text_scale, "unet_steps": unet_steps if base.unets else None,
         "bootstrap": n_boot, "ratescore": rate_note,
         "cohorts": {
             "table1": {s: int(((frame1["scenario"] == s) & (frame1["method"] == METHOD_UNIFIED)).sum()) for s in scen},

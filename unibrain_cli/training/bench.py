@@ -122,3 +122,65 @@ def bench_stages(recipe_name: str = "small", repeats: int = 3, rollout_steps: in
 
 if __name__ == "__main__":  # pragma: no cover
     print(json.dumps(bench_stages(), indent=1))
+
+
+#: The ``small`` recipe's data flow and model before the 2026-11-30 change (issue 13), as
+#: overrides of today's ``small``: the "before" of :func:`bench_flow_signal`.
+SMALL_BEFORE: tuple[str, ...] = (
+    "data.pack_tokens=1280", "data.generation_only_prob=0.25", "data.impression_prob=0.25",
+    "data.diagnosis_prob=0.25", "data.thinking_prob=0.7", "data.generation_thinking_prob=0.7",
+    "data.image_free_prob=0.0", "model.aligned_context=off",
+    "model.llm.hidden_size=384", "model.llm.intermediate_size=1024", "model.llm.num_layers=6",
+    "model.llm.num_heads=6", "model.llm.num_kv_heads=2", "model.llm.head_dim=64", "model.vit.patch_size=8",
+)
+
+
+def bench_flow_signal(recipe_name: str = "small", overrides: tuple[str, ...] = (), packs: int = 6,
+                      repeats: int = 1, seed: int = 0) -> dict[str, float]:
+    """Generation signal per training step: flow-loss target tokens per ``unified`` micro-batch and per second.
+
+    Micro-batches are drawn as the ``unified`` stage draws them (random plans of the 4-modality
+    bench record under the recipe's data flow, first-fit packed to ``data.pack_tokens``), each
+    timed for forward + backward on a fresh model (random smooth images; no dataset). Returns the
+    mean ``tokens`` and ``flow_tokens`` per micro-batch, ``step_s`` (median), ``flow_tokens_per_s``,
+    ``samples`` per micro-batch and ``params_m`` (unified model, millions).
+    """
+    from unibrain_cli.data.dataflow import pack_plans, plan_token_count
+
+    recipe = load_recipe(recipe_name, overrides)
+    geom = ImageGeometry.from_config(recipe.model, recipe.data.image_size)
+    tok = train_bpe([*template_corpus(), BENCH_RECORD["impression"], *json.loads(BENCH_RECORD["findings_2d"]).values()],
+                    recipe.model.llm.vocab_size)
+    text = TextIds(tok, recipe.data.max_text_tokens)
+    cfg = dataclasses.replace(recipe.data, modalities=BENCH_MODALITIES)
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = fresh_model(recipe.model, 0)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.llm2vae.weight, std=0.02)
+    vae = AutoEncoder(recipe.model.vae).eval().requires_grad_(False)
+    module = UnifiedTrainModule(model, vae, geom).train()
+    pixels = smooth_images(len(BENCH_MODALITIES), recipe.data.image_size, seed)
+    tokens, flow, secs, samples = [], [], [], []
+    for _ in range(packs):
+        cands, counts = [], []
+        while sum(counts) < recipe.data.pack_tokens:
+            cands.append(build_plan(BENCH_RECORD, rng, cfg))
+            counts.append(plan_token_count(cands[-1], text.length, geom.vit_block_tokens, geom.vae_block_tokens))
+        chosen = [cands[i] for i in pack_plans(cands, recipe.data.pack_tokens, counts)[0]]
+        items, slot = [], 0
+        for plan in chosen:
+            its, slot = plan_items(plan, BENCH_MODALITIES.index, text, slot)
+            items.append(its)
+        times = torch.rand(slot, generator=g)
+        noise = torch.randn((slot, geom.vae_image_tokens, geom.latent_dim), generator=g)
+        batch = build_batch(items, pixels, geom, (tok.image_start_id, tok.image_end_id), times, noise)
+        counts_b = batch.loss_counts()
+        tokens.append(batch.packed.length)
+        flow.append(counts_b["flow"] + counts_b["sa"])
+        samples.append(len(chosen))
+        secs.append(_time_step(module, batch, repeats))
+    step_s = float(np.median(secs))
+    return {"tokens": float(np.mean(tokens)), "flow_tokens": float(np.mean(flow)), "samples": float(np.mean(samples)),
+            "step_s": step_s, "flow_tokens_per_s": float(np.sum(flow) / np.sum(secs)),
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
