@@ -6,7 +6,8 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 D=${DEMO_DIR:-demo_out}
 # 240 cases at 2 mm: 30 test cases (BraTS) for every scenario/chain that needs T1 and T2;
-# 64-px slices are as sharp from 2-mm phantoms as from 1-mm ones (prepare still resamples to 1 mm).
+# 2 mm keeps synth affordable; its 64-px slices are somewhat smoother than from 1 mm (mean gradient
+# -7%, spectral energy above 0.25 cycles/px about 1/3; prepare still resamples to 1 mm).
 CASES=${DEMO_CASES:-240}
 RECIPE=${DEMO_RECIPE:-recipes/small.toml}
 UB="$PY -m unibrain_cli"
