@@ -17,7 +17,13 @@ from unibrain_cli.errors import UserError
 from unibrain_cli.model.vae import AutoEncoder
 from unibrain_cli.training.run import train
 from unibrain_cli.training.stages import StageContext, stage_generator
-from unibrain_cli.training.stages.vae import VAEStage, latent_stats, load_trained_vae, vae_loss
+from unibrain_cli.training.stages.vae import (
+    VAEStage,
+    latent_brain_mask,
+    latent_stats,
+    load_trained_vae,
+    vae_loss,
+)
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -104,13 +110,18 @@ def test_vae_stage_trains_exports_and_round_trips(slices: Path, tmp_path: Path) 
     ds = stage._dataset()
     order = np.random.default_rng(recipe.train.seed).permutation(len(ds))
     imgs = np.stack([ds.arrays(int(i))["images"][stage._choices[int(i)][0]] for i in order])
+    brain = latent_brain_mask(np.stack([ds.arrays(int(i))["brain"] for i in order]), vae.downsample)
+    assert stats["region"] == "brain" and 0.0 < stats["brain_fraction"] < 1.0
     with torch.no_grad():
         z = vae.encode(stage._to_input(imgs)).double()
-    assert float(z.mean()) == pytest.approx(0.0, abs=1e-4) and float(z.std(unbiased=False)) == pytest.approx(1.0, abs=1e-4)
+    zb = z.permute(0, 2, 3, 1)[brain]  # brain latents are standardised, not the whole field
+    assert float(zb.mean()) == pytest.approx(0.0, abs=1e-4) and float(zb.std(unbiased=False)) == pytest.approx(1.0, abs=1e-4)
+    assert stats["std_full"] > 0 and np.isfinite(stats["mean_full"])
     # PSNR of the trained VAE beats an untrained one on the same held-out batch
     psnr = summary.stages["vae"]["metrics"]["psnr"]
     eval_line = [x for x in lines if x["kind"] == "eval"][0]
     assert eval_line["metrics"]["psnr"] == psnr
+    assert np.isfinite(summary.stages["vae"]["metrics"]["psnr_brain"])
     untrained = stage.evaluate(stage.build_model().eval())["psnr"]
     assert psnr > untrained + 3.0
     assert (run / "loss_curve.png").stat().st_size > 1000

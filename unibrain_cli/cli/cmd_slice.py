@@ -18,6 +18,7 @@ def slice_cmd(
     per_case: int | None = typer.Option(None, "--per-case", min=1, help="Lesion slices per case (default 3)."),
     all_lesion_slices: bool = typer.Option(False, "--all-lesion-slices", help="Keep every lesion slice."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing SLICES folder."),
+    workers: int = typer.Option(1, "--workers", "-j", min=1, help="Parallel worker processes across cases."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Cut each prepared case into 2D slices (largest lesion first; middle lesion slice flagged for evaluation).
@@ -29,7 +30,8 @@ def slice_cmd(
     from unibrain_cli.data.slicing import make_slices
 
     res = make_slices(prepared, out_dir, size=size, axis=axis, per_case=per_case or 3,
-                      all_lesion_slices=all_lesion_slices, force=force, progress=not STATE.quiet)
+                      all_lesion_slices=all_lesion_slices, force=force, progress=not STATE.quiet,
+                      workers=workers)
     if as_json:
         emit_json({"out": str(out_dir), "slices": getattr(res, "num_slices", None)})
     else:

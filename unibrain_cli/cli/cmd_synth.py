@@ -18,6 +18,7 @@ def synth(
         False, "--all-modalities", help="Give every case all six contrasts on one grid (flat UniBrain layout)."
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty OUT."),
+    workers: int = typer.Option(1, "--workers", "-j", min=1, help="Parallel worker processes across cases."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Write a phantom dataset: release JSON reports + BraTS / ISLES'22 / WMH image trees.
@@ -27,7 +28,7 @@ def synth(
     from unibrain_cli.data.phantom import synthesize
 
     res = synthesize(out_dir, cases=cases, seed=seed, resolution=resolution, all_modalities=all_modalities,
-                     force=force, progress=not STATE.quiet)
+                     force=force, progress=not STATE.quiet, workers=workers)
     if as_json:
         emit_json({"out": str(res.out), "case_ids": res.case_ids, "n_files": res.n_files,
                    "preview": str(res.preview), "all_modalities": res.all_modalities})

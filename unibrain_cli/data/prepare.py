@@ -193,14 +193,17 @@ def normalise_intensity(array: np.ndarray, brain: np.ndarray) -> tuple[np.ndarra
 
     Returns (float32 array, lo, hi). Raises ValueError for a constant image inside the brain.
     """
-    lo, hi = (float(v) for v in np.percentile(array[brain], PERCENTILES))
+    inside = array[brain]
+    lo, hi = (float(v) for v in np.percentile(inside, PERCENTILES))
     if not hi - lo > 1e-6 * max(1.0, abs(hi)):
         raise ValueError(f"constant intensity {lo:g} inside the brain mask")
     lo32, hi32 = np.float32(lo), np.float32(hi)  # float32 bounds: hi maps to exactly 1.0
-    out = np.clip(array.astype(np.float32, copy=False), lo32, hi32)
-    out -= lo32
-    out /= hi32 - lo32
-    out[~brain] = 0.0
+    vals = inside.astype(np.float32, copy=False)  # only brain voxels: the rest is 0
+    np.clip(vals, lo32, hi32, out=vals)
+    vals -= lo32
+    vals /= hi32 - lo32
+    out = np.zeros_like(array, dtype=np.float32)
+    out[brain] = vals
     return out, lo, hi
 
 

@@ -15,6 +15,7 @@ all slices), zero-padded to a square and resized to ``size``. Output format: see
 from __future__ import annotations
 
 import json
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,14 @@ def _slice_case(row: pd.Series, prepared: Path, size: int, per_case: int, all_le
     return out
 
 
+def _slice_job(job: tuple[pd.Series, Path, int, int, bool]) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """:func:`_slice_case` for a worker process: (items, None), or (None, message) for a damaged case."""
+    try:
+        return _slice_case(*job), None
+    except UserError as exc:
+        return None, str(exc)
+
+
 def make_slices(
     prepared: Path,
     out: Path,
@@ -265,11 +274,13 @@ def make_slices(
     all_lesion_slices: bool = False,
     force: bool = False,
     progress: bool = False,
+    workers: int = 1,
 ) -> SliceResult:
     """Write the SLICES folder for every case in ``PREPARED/manifest.parquet``.
 
     The whole folder is built in a temporary directory and renamed at the end; an existing
-    non-empty ``out`` is replaced only with ``force``.
+    non-empty ``out`` is replaced only with ``force``. ``workers`` > 1 reads and cuts cases in
+    that many processes; the output is the same (cases are written in manifest order).
     """
     from unibrain_cli.data.prepare import progress_bar
 
@@ -280,6 +291,8 @@ def make_slices(
         raise UserError(f"must be at least 8 pixels, got {size}", "--size")
     if per_case < 1:
         raise UserError(f"must be at least 1, got {per_case}", "--per-case")
+    if workers < 1:
+        raise UserError(f"must be at least 1, got {workers}", "--workers")
     manifest_path = prepared / "manifest.parquet"
     if not manifest_path.is_file():
         raise UserError("no manifest.parquet here; run `unibrain prepare` first", str(prepared))
@@ -293,17 +306,22 @@ def make_slices(
     with atomic_dir(out, overwrite=True) as tmp, progress_bar(progress) as bar:
         task = bar.add_task("slice", total=len(manifest)) if bar is not None else None
         writer = _ShardWriter(tmp / "shards", size)
-        for _, case in manifest.iterrows():
-            try:
-                items = _slice_case(case, prepared, size, per_case, all_lesion_slices)
-            except UserError as exc:
-                raise UserError(f"prepared case {case['case_id']} is damaged ({exc}); rerun prepare --force",
-                                str(prepared)) from exc
-            for item in items:
-                shard, r = writer.add(**item["arrays"])
-                rows.append({**item["fields"], "shard": shard, "row": r})
-            if bar is not None:
-                bar.advance(task)
+        jobs = [(case, prepared, size, per_case, all_lesion_slices) for _, case in manifest.iterrows()]
+        pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(jobs) > 1 else None
+        results = pool.map(_slice_job, jobs) if pool is not None else map(_slice_job, jobs)
+        try:
+            for (case, *_), (items, error) in zip(jobs, results):
+                if items is None:
+                    raise UserError(f"prepared case {case['case_id']} is damaged ({error}); rerun prepare --force",
+                                    str(prepared))
+                for item in items:
+                    shard, r = writer.add(**item["arrays"])
+                    rows.append({**item["fields"], "shard": shard, "row": r})
+                if bar is not None:
+                    bar.advance(task)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
         writer.flush()
         index = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
         index.to_parquet(tmp / "index.parquet", index=False)

@@ -10,6 +10,7 @@ coordinates; the conversion lives in :func:`to_sitk` / :func:`from_sitk` only.
 from __future__ import annotations
 
 import gzip
+import io
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +92,10 @@ def load_volume(path: str | Path, kind: VolumeKind = "intensity", allow_nonfinit
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise UserError("the header's affine is singular or non-finite; fix the header", str(path))
     if kind == "label":
-        arr = np.rint(np.nan_to_num(data.astype(np.float64))).astype(np.int16)
+        if np.issubdtype(data.dtype, np.integer) or data.dtype == bool:
+            arr = data.astype(np.int16)  # what the float route below gives for integers, without it
+        else:
+            arr = np.rint(np.nan_to_num(data.astype(np.float64))).astype(np.int16)
     else:
         arr = data.astype(np.float32)
         if not allow_nonfinite and not np.all(np.isfinite(arr)):
@@ -104,8 +108,25 @@ def load_volume(path: str | Path, kind: VolumeKind = "intensity", allow_nonfinit
     return Volume(arr, affine, kind, meta)
 
 
+#: gzip settings of written ``.nii.gz`` files: level 1 (nibabel's default) with zlib's run-length
+#: strategy. A skull-stripped float volume compresses almost only through its zero background,
+#: which RLE codes as well as the default LZ77 match search does, in about half the CPU time
+#: (files come out slightly smaller). Any gzip reader reads them; mtime 0 keeps them reproducible.
+GZIP_LEVEL = 1
+GZIP_STRATEGY = zlib.Z_RLE
+
+
+def _gzip(data: memoryview) -> bytes:
+    """One gzip member (header with mtime 0) of ``data``, compressed with the settings above."""
+    comp = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, GZIP_STRATEGY)
+    return comp.compress(data) + comp.flush()
+
+
 def save_volume(vol: Volume, path: str | Path, description: str | None = None) -> None:
-    """Write ``vol`` as NIfTI-1 atomically. ``description`` goes into the header's descrip."""
+    """Write ``vol`` as NIfTI-1 atomically. ``description`` goes into the header's descrip.
+
+    ``.nii.gz`` files are compressed with :data:`GZIP_LEVEL` / :data:`GZIP_STRATEGY`.
+    """
     arr = vol.array.astype(np.int16 if vol.kind == "label" else np.float32)
     img = nib.Nifti1Image(arr, vol.affine)
     img.set_qform(vol.affine, code=1)
@@ -113,7 +134,12 @@ def save_volume(vol: Volume, path: str | Path, description: str | None = None) -
     if description is not None:
         img.header["descrip"] = description.encode("latin-1", "replace")[:79]
     with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
+        if str(path).endswith(".nii.gz"):
+            buf = io.BytesIO()
+            img.to_file_map({"image": nib.FileHolder(fileobj=buf), "header": nib.FileHolder(fileobj=buf)})
+            tmp.write_bytes(_gzip(buf.getbuffer()))
+        else:
+            nib.save(img, str(tmp))
 
 
 def to_canonical(vol: Volume) -> Volume:
@@ -153,14 +179,20 @@ def from_sitk(img, kind: VolumeKind = "intensity") -> Volume:
 def resample_to(vol: Volume, shape: tuple[int, int, int], affine: np.ndarray, default: float = 0.0) -> Volume:
     """Resample ``vol`` onto the grid (``shape``, ``affine``) in physical space.
 
-    Linear interpolation for intensities, nearest neighbour for labels.
+    Linear interpolation for intensities, nearest neighbour for labels. The output grid is
+    passed to SimpleITK as size/origin/spacing/direction (no reference image is allocated).
     """
     import SimpleITK as sitk
 
-    ref = to_sitk(Volume(np.zeros(shape, dtype=np.float32), affine))
-    interp = sitk.sitkNearestNeighbor if vol.kind == "label" else sitk.sitkLinear
-    src = to_sitk(vol if vol.kind == "label" else vol.with_array(vol.array.astype(np.float32)))
-    out = sitk.Resample(src, ref, sitk.Transform(), interp, default, src.GetPixelID())
+    label = vol.kind == "label"
+    src_array = vol.array if label else vol.array.astype(np.float32, copy=False)
+    grid = _LPS_FLIP @ np.asarray(affine, dtype=np.float64)
+    spacing = np.sqrt((grid[:3, :3] ** 2).sum(axis=0))
+    interp = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
+    src = to_sitk(vol.with_array(src_array))
+    out = sitk.Resample(src, [int(s) for s in shape], sitk.Transform(), interp, [float(o) for o in grid[:3, 3]],
+                        [float(s) for s in spacing], [float(d) for d in (grid[:3, :3] / spacing).flatten()],
+                        default, src.GetPixelID())
     res = from_sitk(out, vol.kind)
     res.affine = np.asarray(affine, dtype=np.float64)
     res.meta = dict(vol.meta)

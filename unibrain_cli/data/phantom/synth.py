@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,17 +113,31 @@ def _progress(enabled: bool, total: int) -> Iterator:
         yield lambda: bar.advance(task)
 
 
+def _synth_case(job: tuple[CaseSpec, int, int, Path, bool]
+                ) -> tuple[tuple[dict[str, str], str, dict[str, object]], dict[str, np.ndarray] | None]:
+    """Simulate and write one case; returns its texts and (when asked) its preview row."""
+    spec, seed, resolution, root, want_preview = job
+    case = simulate_case(spec, seed, resolution)
+    _write_case(case, root)
+    texts = _texts(case, case_rngs(seed, spec.index)["text"])
+    return texts, (_preview_row(case) if want_preview else None)
+
+
 def synthesize(out: Path, cases: int, seed: int = 0, resolution: int = 1, all_modalities: bool = False,
-               force: bool = False, progress: bool = False) -> SynthResult:
+               force: bool = False, progress: bool = False, workers: int = 1) -> SynthResult:
     """Write ``cases`` phantom cases (round-robin over GLI, MEN, MET, ISLES22, WMH) under ``out``.
 
     Default: the RadGenome release JSON tree (``out/radgenome``) + source-style image trees
     (``out/images``); ``all_modalities``: the flat ``all_data_Reg`` layout with all six contrasts
-    per case. Always writes ``out/preview.png``. Deterministic for ``seed``; written to a
-    temporary folder renamed onto ``out`` at the end. ``resolution``: 1 or 2 mm.
+    per case. Always writes ``out/preview.png``. Deterministic for ``seed`` (each case has its
+    own random streams, so ``workers`` > 1, which simulates cases in that many processes, writes
+    the same files); written to a temporary folder renamed onto ``out`` at the end.
+    ``resolution``: 1 or 2 mm.
     """
     out = Path(out)
     _check_args(out, cases, resolution, force)
+    if workers < 1:
+        raise UserError(f"must be at least 1, got {workers}", "--workers")
     specs = case_specs(cases, resolution, all_modalities)
     load_template(resolution)
     candidates()
@@ -132,20 +147,26 @@ def synthesize(out: Path, cases: int, seed: int = 0, resolution: int = 1, all_mo
     ids: dict[str, list[str]] = {s: [] for s in SUBSETS}
     by_id: dict[str, CaseSpec] = {}
     rows: dict[str, dict[str, np.ndarray]] = {}
+    first_of: dict[str, int] = {}
+    for spec in specs:
+        first_of.setdefault(spec.disease, spec.index)
     with atomic_dir(out, overwrite=out.exists()) as tmp, _progress(progress, len(specs)) as advance:
-        for spec in specs:
-            case = simulate_case(spec, seed, resolution)
-            _write_case(case, tmp)
-            f, g, imp = _texts(case, case_rngs(seed, spec.index)["text"])
-            findings[spec.subset].update(f)
-            globals_[spec.subset][spec.case_id] = g
-            impressions[spec.subset][spec.case_id] = imp
-            ids[spec.subset].append(spec.case_id)
-            by_id[spec.case_id] = spec
-            if spec.disease not in rows:
-                rows[spec.disease] = _preview_row(case)
-            del case
-            advance()
+        jobs = [(spec, seed, resolution, tmp, first_of[spec.disease] == spec.index) for spec in specs]
+        pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(jobs) > 1 else None
+        try:
+            results = pool.map(_synth_case, jobs) if pool is not None else map(_synth_case, jobs)
+            for spec, ((f, g, imp), row) in zip(specs, results):
+                findings[spec.subset].update(f)
+                globals_[spec.subset][spec.case_id] = g
+                impressions[spec.subset][spec.case_id] = imp
+                ids[spec.subset].append(spec.case_id)
+                by_id[spec.case_id] = spec
+                if row is not None:
+                    rows[spec.disease] = row
+                advance()
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
         split_rng = np.random.default_rng([int(seed), SPLIT_SEED_SALT])
         split: dict[str, list[str]] = {"train": [], "val": [], "test": []}
         for subset in SUBSETS:

@@ -12,10 +12,17 @@ with noise drawn in ``next_batch``.
 
 Export (``RUN/vae/final``): ``ae.safetensors`` (the AutoEncoder's state dict, EMA weights),
 ``config.json`` (its :class:`VAEConfig` with fitted ``scale_factor`` / ``shift_factor``) and
-``latent_stats.json``. The factors make the flow see unit-variance latents:
-``shift = mean(z_raw)``, ``scale = 1 / std(z_raw)`` over posterior means of up to
-:data:`STATS_IMAGES` training slices — the same normalisation FLUX ships as constants
-(``z = 0.3611 * (z_raw - 0.1159)``, i.e. std 2.77, mean 0.1159 on its training images).
+``latent_stats.json``. The factors make the flow see unit-variance BRAIN latents:
+``shift = mean(z_raw)``, ``scale = 1 / std(z_raw)`` over the posterior means of up to
+:data:`STATS_IMAGES` training slices, taken at the latent positions inside the brain (the slice's
+brain mask average-pooled to the latent grid, >= 0.5) — the same normalisation FLUX ships as
+constants (``z = 0.3611 * (z_raw - 0.1159)``, i.e. std 2.77, mean 0.1159 on its training images).
+Background latents, all alike, would otherwise pull the mean towards them and shrink the std,
+so brain tokens (what the flow has to generate) would come out with variance well above 1.
+``latent_stats.json`` also records the full-field statistics for comparison.
+
+End-of-stage evaluation: PSNR of posterior-mean reconstructions of :data:`EVAL_IMAGES` held-out
+(val) slices, over the full field of view (``psnr``) and over the brain mask (``psnr_brain``).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from unibrain_cli.training.stages import EpochSampler, StageTask, StepOutput
 #: Training slices whose posterior means define the latent scale/shift.
 STATS_IMAGES = 256
 #: Held-out slices reconstructed for the end-of-stage PSNR.
-EVAL_IMAGES = 16
+EVAL_IMAGES = 64
 
 
 class VAETrainModule(nn.Module):
@@ -77,19 +84,31 @@ def vae_loss(x: Tensor, x_hat: Tensor, mean: Tensor, logvar: Tensor, kl_weight: 
     return recon + kl_weight * kl_per_image / pixels, recon, kl_per_image
 
 
-def latent_stats(ae: AutoEncoder, images: Tensor, batch_size: int = 32) -> tuple[float, float]:
-    """Mean and std over all elements of the RAW posterior means of ``images`` [N, C, H, W] in [-1, 1]."""
+def latent_stats(ae: AutoEncoder, images: Tensor, batch_size: int = 32, masks: Tensor | None = None
+                 ) -> tuple[float, float]:
+    """Mean and std over all elements of the RAW posterior means of ``images`` [N, C, H, W] in [-1, 1];
+    with ``masks`` [N, h, w] (bool, latent grid) only over the masked latent positions (all channels)."""
     total, total_sq, count = 0.0, 0.0, 0
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
             mean, _ = ae.encode_moments(images[i:i + batch_size])
             m = mean.double()
+            if masks is not None:
+                m = m.permute(0, 2, 3, 1)[masks[i:i + batch_size].bool()]
             total += float(m.sum())
             total_sq += float(m.square().sum())
             count += m.numel()
+    if count == 0:
+        return float("nan"), float("nan")
     mu = total / count
     var = max(total_sq / count - mu * mu, 0.0)
     return mu, float(np.sqrt(var))
+
+
+def latent_brain_mask(brain: np.ndarray, downsample: int) -> Tensor:
+    """Brain masks [N, S, S] -> [N, S/d, S/d] bool: latent positions whose d x d pixels are >= half brain."""
+    t = torch.from_numpy(np.ascontiguousarray(brain, dtype=np.float32))[:, None]
+    return nn.functional.avg_pool2d(t, downsample)[:, 0] >= 0.5
 
 
 def save_vae(ae: AutoEncoder, cfg: VAEConfig, out_dir: str | Path) -> None:
@@ -208,8 +227,9 @@ class VAEStage(StageTask):
         return StepOutput(loss, {"recon": float(recon.detach()), "kl": float(kl.detach())}, int(x.shape[0]))
 
     def _eval_images(self) -> tuple[np.ndarray, np.ndarray]:
-        """Fixed held-out batch: the first EVAL_IMAGES val slices (train when no val), first allowed
-        modality each. Returns (images [N, S, S] in [0, 1], brain masks [N, S, S])."""
+        """Fixed held-out batch: the first EVAL_IMAGES val slices (train when no val), the allowed
+        modalities in turn (slice i takes its (i mod n)-th). Returns (images [N, S, S] in [0, 1],
+        brain masks [N, S, S])."""
         ds = SliceDataset(self.ctx.data_dir, split="val")
         if len(ds) == 0:
             ds = SliceDataset(self.ctx.data_dir, split="train")
@@ -219,16 +239,17 @@ class VAEStage(StageTask):
             if not chans:
                 continue
             arr = ds.arrays(i)
-            images.append(arr["images"][chans[0]])
+            images.append(arr["images"][chans[len(images) % len(chans)]])
             brains.append(arr["brain"])
             if len(images) == EVAL_IMAGES:
                 break
         return np.stack(images), np.stack(brains)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Mean PSNR (dB, [0, 1] images, full field of view) of posterior-mean reconstructions."""
+        """Mean PSNR (dB, [0, 1] images) of posterior-mean reconstructions: full field of view
+        (``psnr``) and brain mask only (``psnr_brain``)."""
         ae: AutoEncoder = model.ae  # type: ignore[assignment]
-        images, _ = self._eval_images()
+        images, brains = self._eval_images()
         was_training = ae.training
         ae.eval()
         with torch.no_grad():
@@ -236,20 +257,30 @@ class VAEStage(StageTask):
         ae.train(was_training)
         rec01 = ((rec.mean(1).numpy() + 1.0) / 2.0).clip(0.0, 1.0)
         scores = [psnr(p, r) for p, r in zip(rec01, images)]
-        return {"psnr": float(np.mean(scores)), "eval_images": float(len(scores))}
+        brain = [psnr(p, r, b > 0) for p, r, b in zip(rec01, images, brains) if (b > 0).any()]
+        return {"psnr": float(np.mean(scores)), "psnr_brain": float(np.mean(brain)) if brain else float("nan"),
+                "eval_images": float(len(scores))}
 
     def fit_latent_scale(self, ae: AutoEncoder) -> dict[str, float]:
-        """Latent mean/std over up to STATS_IMAGES training slices (first allowed modality each)."""
+        """Latent mean/std over the brain positions of up to STATS_IMAGES training slices (first
+        allowed modality each), falling back to the full field when no slice has brain; the
+        full-field mean/std are reported alongside (``mean_full``/``std_full``)."""
         ds = self._dataset()
         order = np.random.default_rng(self.ctx.recipe.train.seed).permutation(len(ds))[:STATS_IMAGES]
-        images = np.stack([ds.arrays(int(i))["images"][self._choices[int(i)][0]] for i in order])
+        arrays = [ds.arrays(int(i)) for i in order]
+        images = np.stack([a["images"][self._choices[int(i)][0]] for a, i in zip(arrays, order)])
+        masks = latent_brain_mask(np.stack([a["brain"] for a in arrays]), self.cfg.downsample)
         was_training = ae.training
         ae.eval()
-        mu, std = latent_stats(ae, self._to_input(images))
+        x = self._to_input(images)
+        mu_full, std_full = latent_stats(ae, x)
+        mu, std = latent_stats(ae, x, masks=masks) if bool(masks.any()) else (mu_full, std_full)
         ae.train(was_training)
         if not np.isfinite(std) or std <= 0:
             raise RuntimeError(f"degenerate latent statistics (std {std}); the VAE did not train")
-        return {"mean": mu, "std": std, "num_images": float(len(images))}
+        return {"mean": mu, "std": std, "region": "brain" if bool(masks.any()) else "full",
+                "brain_fraction": float(masks.float().mean()), "mean_full": mu_full, "std_full": std_full,
+                "num_images": float(len(images))}
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         ae: AutoEncoder = model.ae  # type: ignore[assignment]
