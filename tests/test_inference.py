@@ -442,4 +442,4 @@ def test_vit_view_uses_the_training_rounding_for_bagel_geometry():
     _torch.testing.assert_close(patches, train)
     small = dc_replace(load_recipe("small").model)
     p64, g64 = image_to_vit_patches(img[:64, :64], small)
-    assert g64 == (8, 8) and p64.shape[0] == 64
+    assert g64 == (4, 4) and p64.shape[0] == 16  # small: 16-px ViT patches

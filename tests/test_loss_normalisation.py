@@ -195,3 +195,17 @@ def test_one_micro_batch_keeps_the_per_micro_batch_mean(tmp_path: Path, monkeypa
         assert info.terms[k] == pytest.approx(float(out[k]), rel=1e-6)
     for g, w in zip(got, grads_of(out["loss"], params), strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_flow_signal_bench_counts_the_flow_loss_tokens_of_each_pack():
+    """make bench's flow_signal: generation-only packs carry flow tokens (whole latent images), understanding-only
+    packs none."""
+    from unibrain_cli.training.bench import bench_flow_signal
+
+    gen = bench_flow_signal("tiny", ("data.generation_only_prob=1.0", "data.impression_prob=0.0",
+                                     "data.diagnosis_prob=0.0", "data.understanding_only_prob=0.0"), packs=1)
+    tokens_per_image = (32 // 4 // 2) ** 2  # tiny: 32-px slices, downsample 4, latent patch 2
+    assert gen["flow_tokens"] > 0 and gen["flow_tokens"] % tokens_per_image == 0
+    assert gen["flow_tokens_per_s"] > 0 and gen["tokens"] <= 1024 * 1.5
+    und = bench_flow_signal("tiny", ("data.understanding_only_prob=1.0",), packs=1)
+    assert und["flow_tokens"] == 0
