@@ -434,3 +434,17 @@ def test_cli_steps_reach_the_sampler(ckpt, slices, tmp_path):
         psnr[steps] = pd.read_csv(out / "table2_cases.csv")["psnr"].to_numpy(dtype=float)
         assert "Conditioning probe" in res.output  # the line under Table 2 in the terminal
     assert psnr["1"].size > 0 and psnr["1"].shape == psnr["2"].shape and not np.allclose(psnr["1"], psnr["2"])
+
+
+def test_image_guidance_scale_is_applied_recorded_and_checked(ckpt, slices, tmp_path):
+    """--cfg-img-scale replaces the recipe's image guidance: eval.json records it and the chain images change
+    (the image-free context is queried); a negative scale is a one-line error naming the flag."""
+    kw = dict(scenarios="t1", chain=True, **FAST)
+    off = R.evaluate(ckpt, slices, tmp_path / "A", **kw)
+    on = R.evaluate(ckpt, slices, tmp_path / "B", cfg_img_scale=2.0, **kw)
+    assert off.summary["cfg_img_scale"] == 1.0 and on.summary["cfg_img_scale"] == 2.0
+    a = pd.read_csv(tmp_path / "A" / "table2_cases.csv")
+    b = pd.read_csv(tmp_path / "B" / "table2_cases.csv")
+    assert not np.allclose(a["psnr"].to_numpy(), b["psnr"].to_numpy())
+    one_line_error(["--ckpt", ckpt, "--data", slices, "--cfg-img-scale", "-1", "--out", tmp_path / "C"],
+                   "--cfg-img-scale")
