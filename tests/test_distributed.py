@@ -68,13 +68,18 @@ def run_two_ranks(script: Path, *args: str) -> list[dict]:
     return [json.loads((Path(args[-1]) / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-def test_two_process_ddp_keeps_ranks_in_sync(tmp_path: Path) -> None:
+def train_on_two_ranks(tmp_path: Path, script_text: str) -> list[dict]:
+    """Write 8 cases of slices and ``script_text``, run it on two ranks (args: SLICES RUN OUT)."""
     slices = write_slices(tmp_path / "SLICES", n_cases=8)
-    script = tmp_path / "ddp_train.py"
-    script.write_text(SCRIPT)
+    script = tmp_path / "train_script.py"
+    script.write_text(script_text)
     out = tmp_path / "out"
     out.mkdir()
-    ranks = run_two_ranks(script, str(slices), str(tmp_path / "RUN"), str(out))
+    return run_two_ranks(script, str(slices), str(tmp_path / "RUN"), str(out))
+
+
+def test_two_process_ddp_keeps_ranks_in_sync(tmp_path: Path) -> None:
+    ranks = train_on_two_ranks(tmp_path, SCRIPT)
     assert ranks[0]["checksum"] == ranks[1]["checksum"] and ranks[0]["abs"] == ranks[1]["abs"]
     assert ranks[0]["loss"] != ranks[1]["loss"]  # each rank saw its own data
     run = tmp_path / "RUN"
@@ -199,12 +204,7 @@ DHS_DDP_SCRIPT = textwrap.dedent(
 def test_two_process_dhs_stage_trains_in_sync(tmp_path: Path) -> None:
     """The dhs stage through the trainer on 2 CPU ranks (DDP: Accelerate has no FSDP on CPU, see the
     FSDP test below), each rank rolling out its own samples."""
-    slices = write_slices(tmp_path / "SLICES", n_cases=8)
-    script = tmp_path / "dhs_train.py"
-    script.write_text(DHS_DDP_SCRIPT)
-    out = tmp_path / "out"
-    out.mkdir()
-    ranks = run_two_ranks(script, str(slices), str(tmp_path / "RUN"), str(out))
+    ranks = train_on_two_ranks(tmp_path, DHS_DDP_SCRIPT)
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert all(r["terms"]["flow"] > 0 for r in ranks)
     assert (tmp_path / "RUN" / "dhs" / "final" / "model.safetensors").is_file()
