@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo_out
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup test demo lint bench experiments clean
+.PHONY: setup test demo lint bench experiments clean gpu-check
 SLICES ?= $(DEMO_DIR)/slices
 EXP_DIR ?= experiments
 # U-Net baseline steps per chain: the three chain U-Nets together get about the wall time of the
@@ -36,6 +36,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m unibrain_cli.bench --out bench.json
+
+# A CUDA machine only, never CI: gpu-marked tests, flash/flex vs SDPA, bf16 step throughput and MFU,
+# one FSDP step, generation memory -> gpu-check.json (exits 2 without CUDA; not part of `make test`).
+gpu-check: $(STAMP)
+	$(PY) -m unibrain_cli.gpu_check --out gpu-check.json
 
 # The longer comparisons on the demo's slices (run `make demo` first): the Table 3 ablation
 # variants at the same budget, then evaluation with U-Net and two-stage baselines and a 5-seed ensemble.

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from slices_helpers import S, write_slices
 
+from unibrain_cli.data.slices_data import SliceDataset, filter_index, load_index
 from unibrain_cli.errors import UserError
 from unibrain_cli.evaluation.baselines import (
     CHAINS,
@@ -21,7 +22,6 @@ from unibrain_cli.evaluation.baselines import (
     parse_chain,
     train_unet,
 )
-from unibrain_cli.evaluation.slices_data import SliceDataset, filter_index, load_index
 from unibrain_cli.modalities import MODALITIES
 
 

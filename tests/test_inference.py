@@ -304,6 +304,73 @@ def test_impute_output_has_the_input_grid(bundle, tmp_path, kind):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp left over
 
 
+def _thick_slab(tmp_path: Path, kind: str) -> Path:
+    """A thick-slab scan (8.3 mm slices, 6 of them) or an oblique / anisotropic one."""
+    if kind == "slab":
+        return write_nifti(tmp_path / "t1.nii.gz", phantom((33, 41, 6)), np.diag([1.0, 1.0, 8.3, 1.0]))
+    return write_nifti(tmp_path / "t1.nii.gz", phantom(), geometry(kind))
+
+
+@pytest.mark.parametrize("kind", ["slab", "oblique", "anisotropic"])
+def test_default_impute_fills_every_brain_voxel_of_the_output(bundle, tmp_path, kind):
+    """The default is the whole volume: every output voxel inside the input's brain gets a value,
+    on thick slabs, oblique and anisotropic grids alike."""
+    path = _thick_slab(tmp_path, kind)
+    res = _run(bundle, InputSpec({"t1": path}), tmp_path / "out", answer_tokens=0, thinking_tokens=0)
+    out = nib.load(str(tmp_path / "out" / "t2_imputed.nii.gz")).get_fdata()
+    src = nib.load(str(path)).get_fdata()
+    assert out.shape == src.shape
+    inside = src > 0
+    assert res.coverage == 1.0
+    assert (out[inside] > 0).mean() > 0.97, (out[inside] > 0).mean()  # only border voxels may fall outside the mask
+    meta = json.loads((tmp_path / "out" / "impute.json").read_text())
+    assert meta["slices_mode"] == "all" and meta["coverage"]["fraction"] == 1.0
+    assert len(res.slices) == len(set(res.slices)) > 5
+
+
+def test_thick_slab_single_slice_is_refused_not_written_empty(bundle, tmp_path):
+    """One 1-mm slice between the 8.3-mm slices of the output: a clear error, nothing written."""
+    path = _thick_slab(tmp_path, "slab")
+    case = preprocess_files({"t1": path})
+    ks = select_slices(case.brain, None, 1)
+    from unibrain_cli.inference.inputs import coverage
+
+    inside, filled = coverage(case, ks)
+    assert inside > 0
+    if filled == 0:  # the chosen slice falls between output slices: refused
+        with pytest.raises(UserError, match="fall between the slices"):
+            _run(bundle, InputSpec({"t1": path}), tmp_path / "out", slices="1")
+        assert not (tmp_path / "out").exists()
+    else:  # it lands on an output slice: written, with the partial coverage recorded
+        res = _run(bundle, InputSpec({"t1": path}), tmp_path / "out", slices="1")
+        assert 0 < res.coverage < 1
+
+
+def test_lesion_slices_need_a_lesion_mask(bundle, tmp_path):
+    path = write_nifti(tmp_path / "t1.nii.gz", phantom(), geometry("ras"))
+    with pytest.raises(UserError, match="needs a lesion mask") as err:
+        _run(bundle, InputSpec({"t1": path}), tmp_path / "out", slices="lesion")
+    assert err.value.where == "--slices"
+    assert not (tmp_path / "out").exists()
+
+
+def test_batched_volume_equals_one_by_one(bundle, tmp_path):
+    """The whole volume imputed in batches (rows = slices x seeds) equals the one-by-one run."""
+    path = write_nifti(tmp_path / "t1.nii.gz", phantom(), geometry("oblique"))
+    outs = {}
+    for bs in (1, 7):
+        res = _run(bundle, InputSpec({"t1": path}), tmp_path / f"out{bs}", want=["t2", "flair"], ensemble=2,
+                   batch_size=bs)
+        outs[bs] = res
+    for name in ("t2_imputed", "flair_imputed", "t2_std"):
+        a = nib.load(str(tmp_path / "out1" / f"{name}.nii.gz")).get_fdata()
+        b = nib.load(str(tmp_path / "out7" / f"{name}.nii.gz")).get_fdata()
+        np.testing.assert_allclose(a, b, atol=1e-4)
+        assert a.max() > 0
+    assert outs[1].thinking == outs[7].thinking and outs[1].answer == outs[7].answer
+    assert outs[1].slices == outs[7].slices
+
+
 def test_ensemble_std_map(bundle, tmp_path):
     path = write_nifti(tmp_path / "t1.nii.gz", phantom(), geometry("ras"))
     _run(bundle, InputSpec({"t1": path}), tmp_path / "out", ensemble=3, slices="2")
@@ -390,7 +457,7 @@ def test_prepared_case_uses_its_lesion_slice(bundle, tmp_path):
     nib.save(nib.Nifti1Image((vol > 0).astype(np.int16), affine), str(case_dir / "brain.nii.gz"))
     (case_dir / "case.json").write_text(json.dumps({"modalities": ["t1"], "files": {"t1": "t1.nii.gz"}}))
     spec = resolve_inputs(None, None, tmp_path / "prep", "c1")
-    res = _run(bundle, spec, tmp_path / "out")
+    res = _run(bundle, spec, tmp_path / "out", slices="lesion")
     assert res.slices == [12]
     out = nib.load(str(tmp_path / "out" / "t2_imputed.nii.gz")).get_fdata()
     assert out.shape == vol.shape and out[:, :, 12].max() > 0

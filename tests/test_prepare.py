@@ -321,6 +321,12 @@ def test_release_tree_prepared(release):
         assert case_json["case_id"] == case and case_json["split"] == row["split"]
     problems = pd.read_csv(out / "problems.csv")
     assert list(problems.columns) == list(PROBLEM_COLUMNS) and problems.empty
+    # the documented keys: '<case>-<seq>', ISLES by BIDS subject, WMH by '<site>_<id>'
+    assert res.matching == [
+        "BraTS_GLI: 1 report matched by case_id with '-' before the sequence; 0 unmatched",
+        "ISLES22: 1 report matched by subject with '-' before the sequence; 0 unmatched",
+        "WMH: 1 report matched by site_id with '-' before the sequence; 0 unmatched",
+    ]
 
 
 def test_isles_grids_end_aligned(release):
@@ -392,6 +398,11 @@ def test_flat_layout_and_case_id_split(tmp_path):
         mask = np.asarray(_load(tmp_path / "prep" / "cases" / case / "mask.nii.gz").dataobj)
         assert mask.sum() > 0  # label 2 (glioma convention) and label 1 (wmh convention) both count
     assert res.summary["cases"].loc["total", "total"] == 3
+    assert res.matching == [
+        "BraTS_GLI: 1 report matched by case_id with '-' before the sequence; 0 unmatched",
+        "ISLES22: 1 report matched by subject with '-' before the sequence; 0 unmatched",
+        "WMH: 1 report matched by case_id with '-' before the sequence; 0 unmatched",
+    ]
 
 
 def test_unsplit_cases_are_reported_not_trained(tmp_path):

@@ -5,10 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from unibrain_cli.cli.cmd_infer import CASE, CASE_ID, CKPT, DEVICE, HAVE, PREPARED, SEED, STEPS
-from unibrain_cli.cli.common import command, emit_json
+from unibrain_cli.cli.cmd_infer import (
+    BASE,
+    CASE,
+    CASE_ID,
+    CKPT,
+    DEVICE,
+    HAVE,
+    PREPARED,
+    PROTOCOL,
+    SEED,
+    STEPS,
+)
+from unibrain_cli.cli.common import command, emit_json, print_table
 
 
 def diagnose(
@@ -22,21 +32,32 @@ def diagnose(
     steps: int | None = STEPS,
     device: str = DEVICE,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    protocol: str = PROTOCOL,
+    base: Path | None = BASE,
 ) -> None:
     """Print the most likely diagnosis and a probability for each class.
+
+    With --protocol released (the authors' checkpoint): their generated answer and the class it names.
 
     Example: unibrain diagnose --have t1=scan.nii.gz --ckpt run/ --json
     """
     from unibrain_cli.inference.diagnose import diagnose as run_diagnose
     from unibrain_cli.inference.diagnose import diagnosis_table
     from unibrain_cli.inference.inputs import resolve_inputs
+    from unibrain_cli.released.folder import choose_protocol
 
     spec = resolve_inputs(have, case, prepared, case_id)
+    if choose_protocol(protocol, ckpt, base) == "released":
+        from unibrain_cli.released.diagnose import diagnose_released, released_diagnosis_table
+
+        released = diagnose_released(spec, ckpt, base, impute=impute, seed=seed, device=device, steps=steps)
+        emit_json(released.to_dict()) if as_json else print_table(released_diagnosis_table(released))
+        return
     result = run_diagnose(spec, ckpt, impute=impute, seed=seed, device=device, steps=steps)
     if as_json:
         emit_json(result.to_dict())
     else:
-        Console().print(diagnosis_table(result))
+        print_table(diagnosis_table(result))
 
 
 def register(app: typer.Typer) -> None:

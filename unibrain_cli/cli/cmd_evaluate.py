@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from unibrain_cli.cli.cmd_infer import DEVICE, SEED, STEPS
-from unibrain_cli.cli.common import STATE, command, out
+from unibrain_cli.cli.common import STATE, command, out, print_table
 
 
 def evaluate(
@@ -29,6 +29,9 @@ def evaluate(
     steps: int | None = STEPS,
     cfg_img_scale: float | None = typer.Option(None, "--cfg-img-scale", help="Image guidance scale of the "
                                                "sampler (default: the recipe's flow.cfg_img_scale; 1 = off)."),
+    convention: str = typer.Option("ours", "--convention", help="Metric convention: ours (eval slice, brain-cropped "
+                                   "float [0, 1], also inside the brain) or paper (the authors': middle lesion slice, "
+                                   "uint8/255 whole slice, last target of each chain; see eval.json)."),
     device: str = DEVICE,
     out_dir: Path | None = typer.Option(None, "--out", "-o", help="Evaluation output folder (empty unless --force)."),
     force: bool = typer.Option(False, "--force", help="Allow a non-empty --out (it is replaced)."),
@@ -37,19 +40,19 @@ def evaluate(
 
     Example: unibrain evaluate --ckpt run/ --data slices/ --split test --scenario all --chain --out eval/
     """
-    from rich.console import Console
+    from rich.text import Text
 
+    from unibrain_cli.evaluation.runner import convention_line, to_rich
     from unibrain_cli.evaluation.runner import evaluate as run_evaluate
-    from unibrain_cli.evaluation.runner import to_rich
 
     result = run_evaluate(ckpt, data, out_dir, split=split, scenarios=scenario, chain=chain, ensemble=ensemble,
                           ablation=ablation, ratescore_models=ratescore_models, baselines=baselines,
                           unet_steps=unet_steps, max_cases=max_cases, seed=seed, steps=steps, device=device,
                           progress=not STATE.quiet, force=force, thinking_tokens=thinking_tokens,
-                          answer_tokens=answer_tokens, cfg_img_scale=cfg_img_scale)
-    console = Console()
+                          answer_tokens=answer_tokens, cfg_img_scale=cfg_img_scale, convention=convention.lower())
     for table in result.tables.values():
-        console.print(to_rich(table))
+        print_table(to_rich(table))
+    print_table(Text(convention_line(result.summary["convention"])))
     per_case = result.summary["seconds"]["per_case_mean"]
     out(f"[green]evaluated[/] {result.summary['cases']} case(s), {per_case or 0:.1f} s per case -> {result.out}")
     for name, path in result.figures.items():

@@ -6,7 +6,18 @@ from pathlib import Path
 
 import typer
 
-from unibrain_cli.cli.cmd_infer import CASE, CASE_ID, CKPT, DEVICE, HAVE, PREPARED, SEED, STEPS
+from unibrain_cli.cli.cmd_infer import (
+    BASE,
+    CASE,
+    CASE_ID,
+    CKPT,
+    DEVICE,
+    HAVE,
+    PREPARED,
+    PROTOCOL,
+    SEED,
+    STEPS,
+)
 from unibrain_cli.cli.common import STATE, command, out
 
 
@@ -18,26 +29,45 @@ def impute(
     want: str | None = typer.Option(None, "--want", help="Modalities to generate, in order: t2,flair."),
     ckpt: Path | None = CKPT,
     out_dir: Path | None = typer.Option(None, "--out", "-o", help="Output folder (must be empty unless --force)."),
-    slices: str = typer.Option("lesion", "--slices", help="lesion, all, or a number K of central slices."),
+    slices: str = typer.Option("all", "--slices",
+                               help="all (every brain slice: the whole volume), lesion (its middle slice; needs a "
+                                    "lesion mask) or a number K of slices."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1,
+                                   help="Slices (x ensemble seeds) imputed together; 1 = one by one."),
     ensemble: int = typer.Option(1, "--ensemble", min=1, help="Average N seeds and write a std-dev map."),
     seed: int = SEED,
     steps: int | None = STEPS,
     device: str = DEVICE,
     force: bool = typer.Option(False, "--force", help="Allow a non-empty --out."),
+    protocol: str = PROTOCOL,
+    base: Path | None = BASE,
+    task: str | None = typer.Option(None, "--task", help="Released protocol only: generation (default; each target "
+                                    "from the given images) or unified (the authors' chain with thinking)."),
 ) -> None:
     """Impute missing modalities with the interleaved, KV-cached protocol.
 
     Example: unibrain impute --have t1=sub01_T1w.nii.gz --want t2,flair --ckpt run/ --out imputed/
     """
+    from unibrain_cli.errors import UserError
     from unibrain_cli.inference.impute import impute as run_impute
     from unibrain_cli.inference.inputs import parse_modality_list, resolve_inputs
+    from unibrain_cli.released.folder import choose_protocol
 
     spec = resolve_inputs(have, case, prepared, case_id)
     targets = parse_modality_list(want, "--want") or None
-    result = run_impute(spec, targets, ckpt, out_dir, slices=slices, ensemble=ensemble, seed=seed, steps=steps,
-                        device=device, force=force, progress=not STATE.quiet)
+    if choose_protocol(protocol, ckpt, base) == "released":
+        from unibrain_cli.released.impute import impute_released
+
+        result = impute_released(spec, targets, ckpt, base, out_dir, slices=slices, ensemble=ensemble, seed=seed,
+                                 device=device, force=force, task=task, steps=steps, progress=not STATE.quiet)
+    elif task is not None:
+        raise UserError("--task only applies to --protocol released", "--task")
+    else:
+        result = run_impute(spec, targets, ckpt, out_dir, slices=slices, ensemble=ensemble, seed=seed, steps=steps,
+                            device=device, force=force, progress=not STATE.quiet, batch_size=batch_size)
     made = ", ".join(f for k, f in result.files.items() if f.endswith(".nii.gz"))
-    out(f"[green]imputed[/] {made} ({len(result.slices)} slice(s)) -> {result.out}")
+    filled = "" if result.coverage >= 1.0 else f"; {result.coverage:.0%} of the brain's output voxels filled"
+    out(f"[green]imputed[/] {made} ({len(result.slices)} slice(s){filled}) -> {result.out}")
 
 
 def register(app: typer.Typer) -> None:

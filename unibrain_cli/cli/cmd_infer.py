@@ -16,4 +16,10 @@ SEED = typer.Option(0, "--seed", help="Random seed of the sampler.")
 STEPS = typer.Option(None, "--steps", min=1, help="Euler steps of the image sampler (default: the recipe's "
                      "flow.sample_steps).")
 
-__all__ = ["HAVE", "CASE", "PREPARED", "CASE_ID", "CKPT", "DEVICE", "SEED", "STEPS", "Path"]
+PROTOCOL = typer.Option("auto", "--protocol", help="native (our checkpoints), released (the authors' released "
+                        "UniBrain / BAGEL-7B-MoT weights, run with exactly their protocol) or auto (released for a "
+                        "folder in their layout: ema.safetensors or model.safetensors without our config.json).")
+BASE = typer.Option(None, "--base", help="With --protocol released: a BAGEL-7B-MoT folder giving the configs, "
+                    "tokenizer and ae.safetensors that an authors' step folder (e.g. checkpoints_s3/0000200) lacks.")
+
+__all__ = ["HAVE", "CASE", "PREPARED", "CASE_ID", "CKPT", "DEVICE", "SEED", "STEPS", "PROTOCOL", "BASE", "Path"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from unibrain_cli.cli.common import STATE, command, console, emit_json
+from unibrain_cli.cli.common import STATE, command, emit_json, out, print_table
 
 
 def prepare(
@@ -19,17 +19,25 @@ def prepare(
 ) -> None:
     """Validate and preprocess every case: RAS+, 1 mm in-plane, one grid per case, [0, 1] intensities.
 
+    Prints first how each subset's report keys met their images; what still fails is in problems.csv.
+
     Example: unibrain prepare radgenome/ --images BraTS2023/ --images ISLES-2022/ --out prepared/
     """
+    from rich.markup import escape
+
     from unibrain_cli.data.prepare import prepare as run_prepare
     from unibrain_cli.data.prepare import summary_table
 
+    def echo(line: str) -> None:
+        out(escape(line))
+
     res = run_prepare(radgenome_dir, out_dir, images=images, workers=workers, force=force,
-                      progress=not STATE.quiet)
+                      progress=not STATE.quiet, echo=None if as_json else echo)
     if as_json:
-        emit_json({"out": str(res.out), "prepared": res.n_prepared, "problems": len(res.problems)})
+        emit_json({"out": str(res.out), "prepared": res.n_prepared, "problems": len(res.problems),
+                   "matching": res.matching})
     elif not STATE.quiet:
-        console.print(summary_table(res))
+        print_table(summary_table(res), stderr=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from unibrain_cli.cli.cmd_infer import CASE, CASE_ID, CKPT, DEVICE, HAVE, PREPARED, SEED
+from unibrain_cli.cli.cmd_infer import BASE, CASE, CASE_ID, CKPT, DEVICE, HAVE, PREPARED, PROTOCOL, SEED
 from unibrain_cli.cli.common import command
 from unibrain_cli.errors import UserError
 
@@ -20,8 +20,12 @@ def report(
     fmt: str = typer.Option("text", "--format", help="text, markdown or json."),
     seed: int = SEED,
     device: str = DEVICE,
+    protocol: str = PROTOCOL,
+    base: Path | None = BASE,
 ) -> None:
     """Write findings and an impression for a case.
+
+    With --protocol released (the authors' checkpoint): their model's written impression and the class it names.
 
     Example: unibrain report --case sub01/ --ckpt run/ --format markdown
     """
@@ -31,7 +35,14 @@ def report(
 
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}", "--format")
+    from unibrain_cli.released.folder import choose_protocol
+
     spec = resolve_inputs(have, case, prepared, case_id)
+    if choose_protocol(protocol, ckpt, base) == "released":
+        from unibrain_cli.released.report import format_released_report, report_released
+
+        typer.echo(format_released_report(report_released(spec, ckpt, base, seed=seed, device=device), fmt))
+        return
     result = run_report(spec, ckpt, seed=seed, device=device)
     typer.echo(format_report(result, fmt))
 

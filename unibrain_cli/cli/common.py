@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from unibrain_cli.errors import UserError
+from unibrain_cli.io.console import print_table  # noqa: F401  (the commands' one way to print a table)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,9 +32,12 @@ console = Console(stderr=True)
 
 
 def out(message: str) -> None:
-    """Print a rich message on stderr unless --quiet."""
+    """Print a rich message on stderr unless --quiet.
+
+    Off a terminal (a log file, CI) the message is not broken at 80 columns: one line stays one line.
+    """
     if not STATE.quiet:
-        console.print(message)
+        console.print(message, soft_wrap=not console.is_terminal)
 
 
 def emit_json(payload: Any) -> None:

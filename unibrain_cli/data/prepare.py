@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from unibrain_cli.data.sources import SPLITS, UNSPLIT, CaseSource, Problem, collect_cases
+from unibrain_cli.data.sources import SPLITS, UNSPLIT, CaseSource, Problem, collect
 from unibrain_cli.errors import UserError
 from unibrain_cli.io.atomic import atomic_dir, atomic_path, write_text
 from unibrain_cli.io.volume import (
@@ -80,6 +80,8 @@ class PrepareResult:
 
     ``summary`` holds two tables: ``"cases"`` (rows: subsets + ``total``; columns: splits,
     ``total`` and per-modality counts) and ``"problems"`` (columns: kind, count).
+    ``matching`` has one line per subset saying how its reports met their images
+    (:meth:`unibrain_cli.data.sources.SubsetMatching.line`).
     """
 
     out: Path
@@ -88,6 +90,7 @@ class PrepareResult:
     problems: list[Problem]
     summary: dict[str, pd.DataFrame]
     manifest: pd.DataFrame = field(repr=False)
+    matching: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -460,9 +463,9 @@ def progress_bar(enabled: bool):
 
     if not enabled:
         return nullcontext(None)
-    from rich.progress import Progress
+    from unibrain_cli.io.console import progress_bar as console_bar
 
-    return Progress(transient=True)
+    return console_bar(transient=True)
 
 
 def prepare(
@@ -472,12 +475,15 @@ def prepare(
     workers: int = 1,
     force: bool = False,
     progress: bool = False,
+    echo: Callable[[str], None] | None = None,
 ) -> PrepareResult:
     """Find, join, preprocess and write every usable case; see the module docstring.
 
     ``images`` are extra roots searched for volumes (the report root is always searched).
-    ``workers`` > 1 prepares cases in that many processes. Bad inputs become rows of
-    ``problems.csv``; raises :class:`UserError` only when no case at all is prepared.
+    ``workers`` > 1 prepares cases in that many processes. ``echo`` receives the matching
+    summary (one line per subset) as soon as the reports are joined to their images, before
+    any volume is read. Bad inputs become rows of ``problems.csv``; raises
+    :class:`UserError` only when no case at all is prepared.
     """
     radgenome_dir, out = Path(radgenome_dir), Path(out)
     if not radgenome_dir.is_dir():
@@ -487,7 +493,12 @@ def prepare(
             raise UserError("not a directory; pass folders holding the source images", f"--images {root}")
     if workers < 1:
         raise UserError(f"must be at least 1, got {workers}", "--workers")
-    sources, problems = collect_cases(radgenome_dir, [Path(p) for p in images], skip=[out])
+    found = collect(radgenome_dir, [Path(p) for p in images], skip=[out])
+    sources, problems = found.cases, found.problems
+    matching = [m.line() for m in found.matching]
+    if echo is not None:
+        for line in matching:
+            echo(line)
     cases_dir = out / "cases"
     cases_dir.mkdir(parents=True, exist_ok=True)
     _clean_stale(cases_dir)
@@ -534,4 +545,5 @@ def prepare(
         problems=problems,
         summary=summarise(manifest, problems),
         manifest=manifest,
+        matching=matching,
     )

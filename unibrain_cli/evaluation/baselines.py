@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from skimage.exposure import match_histograms
 from torch import nn
 
+from unibrain_cli.data.slices_data import SliceDataset
 from unibrain_cli.data.slicing import slice_brain_mask
 from unibrain_cli.errors import UserError
-from unibrain_cli.evaluation.slices_data import SliceDataset
 from unibrain_cli.io.atomic import atomic_dir, write_text
 from unibrain_cli.modalities import MODALITIES, parse_modality
 
@@ -414,9 +414,9 @@ def train_unet(
     t_idx = MODALITIES.index(target)
     bar = None
     if progress:
-        from rich.progress import Progress
+        from unibrain_cli.io.console import progress_bar
 
-        bar = Progress(transient=True)
+        bar = progress_bar(transient=True)
         task = bar.add_task(f"U-Net {chain_key(inputs, target)}", total=steps)
         bar.start()
     try:

@@ -12,6 +12,10 @@ Conventions (DESIGN.md section 6):
   :data:`PSNR_CAP_DB` (100 dB, i.e. an MSE floor of 1e-10) everywhere so means, bootstrap
   intervals and tables stay finite and consistent.
 - Text metrics are fractions in [0, 1]; tables multiply them by 100 like the paper.
+- The authors' convention (``--convention paper``; :func:`reference_uint8`,
+  :func:`prediction_uint8`, :func:`paper_image_scores`): slices quantised to uint8 (reference
+  rounded, prediction truncated like their decoder, ``sample_time`` draws averaged then
+  truncated), scored on ``uint8 / 255`` over the whole slice with ``data_range=1``.
 """
 
 from __future__ import annotations
@@ -95,6 +99,57 @@ def imputation_metrics(pred: np.ndarray, ref: np.ndarray, brain: np.ndarray) -> 
         "psnr_brain": psnr(pred, ref, brain),
         "ssim_brain": ssim(pred, ref, brain),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# the authors' image-score convention (``unibrain evaluate --convention paper``)
+# ---------------------------------------------------------------------------------------------
+
+#: ``--convention`` values: ``ours`` (float [0, 1] slices, full field + inside the reference brain)
+#: and ``paper`` (the authors' ``evaluate_metrics.py``: uint8/255 whole slices, see below).
+CONVENTIONS: tuple[str, ...] = ("ours", "paper")
+
+
+def reference_uint8(ref: np.ndarray) -> np.ndarray:
+    """A [0, 1] reference slice as the authors hold it: ``round(x * 255)`` as uint8.
+
+    Their ground truth is the volume rescaled with ``np.round(... * 255)`` (numpy's round half
+    to even) and stored as uint8; ``ref`` is clipped to [0, 1] first.
+    """
+    ref = np.asarray(ref, dtype=np.float64)
+    if not np.isfinite(ref).all():
+        raise ValueError("ref contains NaN or inf")
+    return np.round(np.clip(ref, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def prediction_uint8(draws: Sequence[np.ndarray]) -> np.ndarray:
+    """The authors' generated slice from ``draws`` (N >= 1 sampled [0, 1] slices of one target).
+
+    Each draw is decoded like theirs, ``(x * 255)`` truncated to uint8 (``.astype(np.uint8)`` after
+    clamping to [0, 1]); ``sample_time`` draws are averaged (``np.mean`` over the uint8 draws) and
+    the mean truncated to uint8 again. One draw gives ``floor(x * 255)``.
+    """
+    if len(draws) == 0:
+        raise ValueError("need at least one draw")
+    stack = np.stack([np.asarray(d, dtype=np.float64) for d in draws])
+    if not np.isfinite(stack).all():
+        raise ValueError("draws contain NaN or inf")
+    decoded = np.floor(np.clip(stack, 0.0, 1.0) * 255.0)
+    return np.floor(decoded.mean(axis=0)).astype(np.uint8)
+
+
+def paper_image_scores(pred_u8: np.ndarray, ref_u8: np.ndarray) -> dict[str, float]:
+    """PSNR/SSIM the authors' way: scikit-image on ``uint8 / 255`` over the WHOLE slice (background
+    included), ``data_range=1``, SSIM with scikit-image's defaults (7x7 uniform window).
+
+    A perfect match reads :data:`PSNR_CAP_DB` (scikit-image, and so their script, gives inf).
+    """
+    pred_u8, ref_u8 = np.asarray(pred_u8), np.asarray(ref_u8)
+    for name, a in (("pred_u8", pred_u8), ("ref_u8", ref_u8)):
+        if a.dtype != np.uint8:
+            raise ValueError(f"{name} must be uint8, got {a.dtype}")
+    pred, ref = pred_u8 / 255.0, ref_u8 / 255.0
+    return {"psnr": psnr(pred, ref), "ssim": ssim(pred, ref)}
 
 
 @functools.lru_cache(maxsize=1)

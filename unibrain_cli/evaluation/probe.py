@@ -41,9 +41,9 @@ import numpy as np
 import torch
 
 from unibrain_cli.data import templates
+from unibrain_cli.data.slices_data import SliceDataset
 from unibrain_cli.data.slicing import slice_brain_mask
 from unibrain_cli.evaluation.metrics import psnr
-from unibrain_cli.evaluation.slices_data import SliceDataset
 from unibrain_cli.inference.checkpoint import load_for_inference
 from unibrain_cli.inference.diagnose import engine_for
 from unibrain_cli.inference.engine import Engine

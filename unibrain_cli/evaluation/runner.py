@@ -41,6 +41,19 @@ Table-1 imputations):
   included). It is a property of the ground truth, the same for every method, and only selects
   which pixels are scored; it never touches a prediction.
 
+Scoring conventions (``convention``; eval.json ``convention`` records the rules and, for ``paper``,
+which slice each case was scored on; the tables' notes and the terminal carry one line):
+
+- ``ours`` (default): each case's eval slice; PSNR/SSIM on float [0, 1] slices over the whole stored
+  (brain-cropped) slice and inside the reference brain; Table 1 imputations are not image-scored.
+- ``paper``: the authors' ``evaluate_metrics.py`` (released-checkpoint-protocol.md section 4) within
+  what a slices folder holds: the middle lesion slice (``ks[len(ks) // 2]`` over the case's stored
+  lesion slices, :func:`paper_rows`), the whole stored slice with background, uint8 / 255 (reference
+  rounded, prediction truncated), ``data_range`` 1, no brain-masked columns; only the last target of
+  each chain (Table 2 chains have one; Table 1 gains PSNR/SSIM of the last target of each UniBrain
+  chain); the ensemble row averages the N uint8 draws (their ``sample_time``). Generation is the
+  same in both conventions.
+
 Conditioning probe (with ``chain=True``): the T1 -> T2 probe of
 :mod:`~unibrain_cli.evaluation.probe` on the evaluated cases that have T1 and T2 (the first
 :data:`PROBE_MAX_SLICES`, at least 2): one-step PSNR with the case's own T1, another case's T1 or
@@ -84,6 +97,7 @@ import pandas as pd
 import torch
 
 from unibrain_cli.data import templates
+from unibrain_cli.data.slices_data import SliceDataset, load_index, read_slices_meta
 from unibrain_cli.data.slicing import slice_brain_mask
 from unibrain_cli.errors import UserError
 from unibrain_cli.evaluation import figures, tables
@@ -97,10 +111,14 @@ from unibrain_cli.evaluation.baselines import (
 )
 from unibrain_cli.evaluation.diagnosis import extract_diagnosis
 from unibrain_cli.evaluation.metrics import (
+    CONVENTIONS,
     imputation_metrics,
+    paper_image_scores,
+    prediction_uint8,
     psnr,
     ratescore,
     ratescore_unavailable_reason,
+    reference_uint8,
     rouge1_f,
     ssim,
     top1_hits,
@@ -111,11 +129,12 @@ from unibrain_cli.evaluation.scenarios import (
     CHAIN_KEYS,
     canonical,
     chain_applies,
+    paper_slice_position,
     parse_scenarios,
     scenario_inputs,
     scenario_targets,
+    scored_targets,
 )
-from unibrain_cli.evaluation.slices_data import SliceDataset, load_index, read_slices_meta
 from unibrain_cli.evaluation.tables import NOT_RUN, Metric, Table, format_cell, summarize
 from unibrain_cli.inference.checkpoint import InferenceBundle, load_for_inference, resolve_checkpoint
 from unibrain_cli.inference.diagnose import engine_for
@@ -156,7 +175,8 @@ QUALITATIVE_CASES = 3
 TOP1_CLOSED = Metric("top1_closed", "Top-1 closed-set (%)", 100.0)
 TABLE1_COLUMNS: tuple[str, ...] = (
     "method", "scenario", "case_id", "slice_id", "diseases", "inputs", "imputed", "pred_text", "pred_closed",
-    "top1", "top1_closed", "rouge1", "rate", "reference", "impression", "answer", "seconds",
+    "top1", "top1_closed", "rouge1", "rate", "reference", "impression", "answer", "scored_target", "psnr", "ssim",
+    "seconds",
 )
 TABLE2_COLUMNS: tuple[str, ...] = (
     "method", "chain", "case_id", "slice_id", "psnr", "ssim", "psnr_brain", "ssim_brain", "usability", "seeds",
@@ -221,12 +241,17 @@ def check_out_dir(out: str | Path | None, force: bool) -> Path:
     return path
 
 
-def load_cases(data: str | Path, split: str, max_cases: int = 0, seed: int = 0) -> tuple[list[EvalCase], int]:
+def load_cases(data: str | Path, split: str, max_cases: int = 0, seed: int = 0, convention: str = "ours"
+               ) -> tuple[list[EvalCase], int]:
     """The evaluation slices of ``split`` (one per case) and the slice size S.
 
-    ``max_cases > 0`` keeps a seeded random subset of that many cases, in index order. An empty
-    split is a :class:`UserError` naming the splits that exist.
+    The cases are those with an eval slice (``is_eval``), in index order; ``max_cases > 0`` keeps a
+    seeded random subset of that many cases (the same cases for both conventions). ``convention``
+    ``"ours"``: each case's eval slice; ``"paper"``: the slice :func:`paper_rows` picks among the
+    case's stored slices of ``split``. An empty split is a :class:`UserError` naming the splits that
+    exist.
     """
+    _check_convention(convention)
     meta = read_slices_meta(data)
     ds = SliceDataset(data, split=split, is_eval=True)
     if len(ds) == 0:
@@ -238,9 +263,11 @@ def load_cases(data: str | Path, split: str, max_cases: int = 0, seed: int = 0) 
     rows = np.flatnonzero(first.to_numpy())
     if 0 < max_cases < rows.size:
         rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_cases, replace=False))
+    source, picked = (paper_rows(data, split, ds, rows.tolist()) if convention == "paper"
+                      else (ds, rows.tolist()))
     cases = []
-    for i in rows.tolist():
-        item = ds[i]
+    for i in picked:
+        item = source[i]
         cases.append(EvalCase(
             slice_id=item["slice_id"], case_id=item["case_id"],
             diseases=tuple(d for d in item["diseases"] if d in DISEASES),
@@ -248,6 +275,123 @@ def load_cases(data: str | Path, split: str, max_cases: int = 0, seed: int = 0) 
             images=item["images"], brain=item["brain"].astype(bool), impression=item.get("impression", ""),
         ))
     return cases, int(meta["size"])
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise UserError(f"unknown convention '{convention}'; choose from {', '.join(CONVENTIONS)}", "--convention")
+
+
+def _lesion_pixels(ds: SliceDataset) -> np.ndarray:
+    """float [len(ds)]: lesion pixels per slice (the index's ``lesion_area_px``, else the stored masks)."""
+    if "lesion_area_px" in ds.index.columns:
+        px = pd.to_numeric(ds.index["lesion_area_px"], errors="coerce")
+        if px.notna().all():
+            return px.to_numpy(dtype=np.float64)
+    return np.array([float(ds.arrays(i)["mask"].sum()) for i in range(len(ds))], dtype=np.float64)
+
+
+def paper_rows(data: str | Path, split: str, eval_ds: SliceDataset, rows: Sequence[int]) -> tuple[SliceDataset, list[int]]:
+    """The authors' slice of each case of ``eval_ds`` rows ``rows``: (the dataset of every stored
+    slice of ``split``, one row of it per case, in the same order).
+
+    Among a case's stored slices, :func:`~unibrain_cli.evaluation.scenarios.paper_slice_position`:
+    the middle of the stored lesion slices (the authors' ``ks[len(ks) // 2]``), the eval slice
+    when no stored slice holds lesion.
+    """
+    full = SliceDataset(data, split=split)
+    px = _lesion_pixels(full)
+    ks = full.index["slice_k"].to_numpy()
+    flags = full.index["is_eval"].astype(bool).to_numpy()
+    groups = full.index.groupby(full.index["case_id"].astype(str), sort=False).indices
+    out = []
+    for i in rows:
+        pos = groups[str(eval_ds.index.iloc[int(i)]["case_id"])]
+        out.append(int(pos[paper_slice_position(ks[pos].tolist(), px[pos].tolist(), flags[pos].tolist())]))
+    return full, out
+
+
+#: eval.json ``convention`` descriptions (the slice and field parts are completed by :func:`convention_summary`).
+CONVENTION_RULES: dict[str, dict[str, str]] = {
+    "ours": {
+        "slice": "each case's eval slice from `unibrain slice`: the lesion slice nearest the centre of the "
+                 "lesion's axial extent (the central brain slice without lesion)",
+        "field": "the stored SxS slice: the case's brain bounding box zero-padded to a square and resized to S",
+        "values": "float slices in [0, 1] (predictions clipped to [0, 1])",
+        "metrics": "PSNR/SSIM by scikit-image, data_range 1, over the whole stored slice (psnr, ssim) and inside "
+                   "the reference brain mask (psnr_brain, ssim_brain)",
+        "targets": "Table 2: each chain imputes one target from real inputs and it is scored; Table 1 "
+                   "imputations are not image-scored",
+        "ensemble": "UniBrain* (N seeds): the mean of the N seeds' float slices",
+        "prediction": "every predicted slice zeroed outside its inputs' brain mask (module docstring)",
+    },
+    "paper": {
+        "slice": "the authors' middle lesion slice: the middle element ks[len(ks) // 2] of the sorted axial "
+                 "indices holding lesion (the eval slice for a case without lesion on any stored slice)",
+        "field": "the whole stored SxS slice with its background; a slices folder keeps the case's brain bounding "
+                 "box zero-padded to a square and resized to S, not the scanner's field of view (the authors "
+                 "score the full 240x240 BraTS plane: more background, where both slices are usually 0, so "
+                 "their numbers usually read higher)",
+        "values": "uint8 / 255: the reference round(x * 255); the prediction truncated floor(x * 255) like the "
+                  "authors' decoder",
+        "metrics": "PSNR/SSIM by scikit-image on uint8 / 255, data_range 1, over the whole slice including "
+                   "background (no brain-masked scores); a perfect match reads 100 dB (theirs: inf)",
+        "targets": "only the last target of each chain: Table 2 chains impute one target from real inputs (it is "
+                   "their last); Table 1 (UniBrain) scores the last target of each scenario's imputation chain "
+                   "(columns PSNR/SSIM last target)",
+        "ensemble": "UniBrain* (N seeds): the authors' sample_time: the N draws decoded to uint8, averaged, "
+                    "truncated to uint8 (also the slice that usability sees)",
+        "prediction": "generated exactly as in 'ours' (zeroed outside the inputs' brain mask); only scoring and "
+                      "the slice differ",
+    },
+}
+
+
+def convention_summary(convention: str, data: str | Path, split: str, cases: Sequence[EvalCase]) -> dict[str, Any]:
+    """eval.json ``convention``: the rules of :data:`CONVENTION_RULES` and, for ``paper``, which slice
+    each case was scored on compared with its eval slice (``slices``)."""
+    _check_convention(convention)
+    out: dict[str, Any] = {"name": convention, **CONVENTION_RULES[convention]}
+    if convention != "paper":
+        return out
+    index = SliceDataset(data, split=split).index
+    px = pd.to_numeric(index["lesion_area_px"], errors="coerce") if "lesion_area_px" in index.columns else None
+    stored, lesion, other = [], [], []
+    for c in cases:
+        rows = index.loc[index["case_id"].astype(str) == c.case_id]
+        chosen = rows.loc[rows["slice_id"].astype(str) == c.slice_id]
+        ours = rows.loc[rows["is_eval"].astype(bool)]
+        stored.append(len(rows))
+        if px is not None:
+            lesion.append(int((px.loc[rows.index] > 0).sum()))
+        k, ours_k = int(chosen["slice_k"].iloc[0]), int(ours["slice_k"].iloc[0])
+        if k != ours_k:
+            other.append({"case_id": c.case_id, "slice_k": k, "ours_slice_k": ours_k})
+    out["slices"] = {
+        "cases": len(cases),
+        "same_slice_as_ours": len(cases) - len(other),
+        "other_slice": other,
+        "stored_slices_per_case": {"min": min(stored), "max": max(stored)} if stored else None,
+        "stored_lesion_slices_per_case": {"min": min(lesion), "max": max(lesion)} if lesion else None,
+        "exact": "the middle is taken over the slices the folder stores: it is the authors' slice for a case whose "
+                 "every lesion slice is stored (`unibrain slice --all-lesion-slices`); with fewer stored (default "
+                 "--per-case 3) it is the middle of the stored lesion slices",
+    }
+    return out
+
+
+def convention_line(conv: dict[str, Any]) -> str:
+    """One line naming the scoring convention of a run (under the tables and in their notes)."""
+    if conv["name"] != "paper":
+        return ("Convention: ours (eval slice; brain-cropped stored slice; float [0, 1]; PSNR/SSIM full slice and "
+                "inside the reference brain; --convention paper for the authors' rules).")
+    sl = conv.get("slices") or {}
+    moved = f"{sl['cases'] - sl['same_slice_as_ours']} of {sl['cases']} cases on another slice than ours; " \
+        if sl else ""
+    return ("Convention: paper (the authors' evaluate_metrics.py): middle lesion slice over the stored lesion slices "
+            f"({moved}exact only when every lesion slice is stored); whole stored slice with background (brain-"
+            "cropped by the slicer, not the scanner field of view); uint8/255, data_range 1, no brain-masked "
+            "scores; only the last target of each chain; ensemble = mean of uint8 draws.")
 
 
 def check_sizes(bundle: InferenceBundle, size: int, ckpt: Path, data: str | Path) -> None:
@@ -280,12 +424,14 @@ def ablation_folders(root: str | Path | None) -> dict[str, Path]:
 
 @dataclass(frozen=True)
 class Settings:
-    """Bounds of generation: thinking/answer tokens per segment, Euler steps (None: recipe's), seed."""
+    """Bounds of generation: thinking/answer tokens per segment, Euler steps (None: recipe's), seed;
+    and the scoring ``convention`` (``ours`` or ``paper``, :data:`CONVENTION_RULES`)."""
 
     thinking_tokens: int = DEFAULT_THINKING_TOKENS
     answer_tokens: int = DEFAULT_ANSWER_TOKENS
     steps: int | None = None
     seed: int = 0
+    convention: str = "ours"
 
 
 def _hit(pred: str | None, case: EvalCase) -> float:
@@ -305,6 +451,26 @@ def image_scores(pred: np.ndarray, ref: np.ndarray, brain: np.ndarray) -> dict[s
     if brain.any():
         return imputation_metrics(pred, ref, brain)
     return {"psnr": psnr(pred, ref), "ssim": ssim(pred, ref), "psnr_brain": math.nan, "ssim_brain": math.nan}
+
+
+def method_slice(draws: Sequence[np.ndarray], convention: str) -> np.ndarray:
+    """float32 [S, S]: the slice a method contributes from its ``draws`` (one per seed): ``ours`` the
+    mean of the float draws (the draw itself for one); ``paper`` the authors' uint8 slice
+    (:func:`~unibrain_cli.evaluation.metrics.prediction_uint8`) / 255."""
+    if convention == "paper":
+        return (prediction_uint8(draws) / 255.0).astype(np.float32)
+    return np.asarray(draws[0]) if len(draws) == 1 else np.mean(np.stack(draws), axis=0)
+
+
+def convention_scores(draws: Sequence[np.ndarray], ref: np.ndarray, brain: np.ndarray, convention: str
+                      ) -> dict[str, float]:
+    """The Table-2 scores of a method's ``draws`` against ``ref``: ``ours`` :func:`image_scores` of
+    :func:`method_slice`; ``paper`` :func:`~unibrain_cli.evaluation.metrics.paper_image_scores` of the
+    uint8 slices, with ``psnr_brain``/``ssim_brain`` NaN (not part of that convention)."""
+    if convention == "paper":
+        return {**paper_image_scores(prediction_uint8(draws), reference_uint8(ref)),
+                "psnr_brain": math.nan, "ssim_brain": math.nan}
+    return image_scores(method_slice(draws, convention), ref, brain)
 
 
 class ModelEvaluator:
@@ -402,6 +568,10 @@ class ModelEvaluator:
         row = self._understand(case, res.contexts.cond)
         row.update(method=METHOD_UNIFIED, inputs="|".join(inputs), imputed="|".join(targets),
                    seconds=time.perf_counter() - t0)
+        if s.convention == "paper":  # the authors score the last target of the chain
+            for t in scored_targets(targets, "paper"):
+                scores = paper_image_scores(prediction_uint8([res.images[t].numpy()]), reference_uint8(case.image(t)))
+                row.update(scored_target=t, **scores)
         return row
 
     def understanding_row(self, case: EvalCase, scenario: str) -> dict[str, Any] | None:
@@ -485,6 +655,7 @@ def evaluate_pass(
     """Run one model over ``cases``: Table-1 rows for ``scenarios`` (UniBrain and/or Und.), Table-2 rows
     for ``chains`` (UniBrain, the ensemble and the baselines). ``progress`` is a (Progress, task) pair."""
     res = PassResult()
+    conv = ev.settings.convention
     seeds = [ev.settings.seed + j for j in range(ensemble)]
     parsed = [(key, *parse_chain(key)) for key in chains]
     for case in cases:
@@ -500,27 +671,28 @@ def evaluate_pass(
             if not chain_applies(inputs, target, case.present, ev.known):
                 continue
             truth = case.image(target)
-            rows: list[tuple[str, np.ndarray, float]] = []
+            rows: list[tuple[str, list[np.ndarray], float]] = []  # (method, draws, usability)
             if unified:
                 images = ev.chain_images(case, inputs, target, seeds)
-                rows.append((METHOD_UNIFIED, images[0], ev.usability(case, target, images[0])))
+                rows.append((METHOD_UNIFIED, images[:1], ev.usability(case, target, method_slice(images[:1], conv))))
                 picked.append((key, inputs, target, images[0]))
                 if ensemble > 1:
-                    mean = np.mean(np.stack(images), axis=0)
-                    rows.append((ensemble_name(ensemble), mean, ev.usability(case, target, mean)))
+                    rows.append((ensemble_name(ensemble), images,
+                                 ev.usability(case, target, method_slice(images, conv))))
             if baselines is not None:
                 args = (case.images, None, case.input_brain(inputs), inputs, target)
                 if baselines.copy is not None:
-                    rows.append((METHOD_COPY, baselines.copy.impute(*args), math.nan))
+                    rows.append((METHOD_COPY, [baselines.copy.impute(*args)], math.nan))
                 if key in baselines.unets:
                     img = baselines.unets[key].impute(*args)
                     if "unet" in baselines.names:
-                        rows.append((METHOD_UNET, img, math.nan))
+                        rows.append((METHOD_UNET, [img], math.nan))
                     if "two-stage" in baselines.names:
-                        rows.append((METHOD_TWO_STAGE, img, ev.usability(case, target, img, UNDERSTANDING_VIEWS)))
-            for method, img, usable in rows:
+                        rows.append((METHOD_TWO_STAGE, [img], ev.usability(case, target, method_slice([img], conv),
+                                                                            UNDERSTANDING_VIEWS)))
+            for method, draws, usable in rows:
                 res.table2.append({"method": method, "chain": key, "case_id": case.case_id, "slice_id": case.slice_id,
-                                   **image_scores(img, truth, case.brain), "usability": usable,
+                                   **convention_scores(draws, truth, case.brain, conv), "usability": usable,
                                    "seeds": ensemble if method == ensemble_name(ensemble) else 1})
         if _case_count(res.qualitative) < qualitative:
             if not picked:  # no Table-2 chain: the first targets of the Table-1 chains are chain images too
@@ -615,8 +787,15 @@ def _add_column(table: Table, frame: pd.DataFrame, keys: Sequence[str], groups: 
     return table
 
 
-def build_table1(frame: pd.DataFrame, scenarios: Sequence[str], n_boot: int, seed: int, rate_note: str) -> Table:
-    """Table 1 with the closed-set Top-1 column next to the generated-text Top-1."""
+TABLE1_LAST_PSNR = Metric("psnr", "PSNR last target (dB)")
+TABLE1_LAST_SSIM = Metric("ssim", "SSIM last target", digits=4)
+
+
+def build_table1(frame: pd.DataFrame, scenarios: Sequence[str], n_boot: int, seed: int, rate_note: str,
+                 convention: str = "ours") -> Table:
+    """Table 1 with the closed-set Top-1 column next to the generated-text Top-1; under the ``paper``
+    convention also PSNR/SSIM of the last imputed target of each UniBrain chain ("-" where nothing
+    was imputed)."""
     methods = [METHOD_UND, METHOD_UNIFIED]
     notes = [
         "Top-1: the class named in the generated 'Final Diagnosis' (synonym table of evaluation/diagnosis.py); "
@@ -625,21 +804,34 @@ def build_table1(frame: pd.DataFrame, scenarios: Sequence[str], n_boot: int, see
         "VAE + ViT, the case's missing modalities imputed in canonical order with thinking, then the answer.",
         f"RaTE: {rate_note}.",
     ]
+    if convention == "paper":
+        notes.append("PSNR/SSIM last target (paper convention): the last imputed modality of each UniBrain chain "
+                     "(column scored_target of table1_cases.csv; it differs between cases with other modality sets), "
+                     "one draw, uint8/255 over the whole slice. '-' = nothing imputed.")
     t = tables.table1(frame, methods=methods, scenarios=scenarios, n_boot=n_boot, seed=seed, notes=notes)
     groups = [(m, s) for m in methods for s in scenarios]
-    return _add_column(t, frame, ("method", "scenario"), groups, TOP1_CLOSED, tables.TABLE1_METRICS[0].label,
-                       n_boot, seed)
+    t = _add_column(t, frame, ("method", "scenario"), groups, TOP1_CLOSED, tables.TABLE1_METRICS[0].label,
+                    n_boot, seed)
+    if convention == "paper":
+        after = tables.TABLE1_METRICS[-1].label
+        for metric in (TABLE1_LAST_SSIM, TABLE1_LAST_PSNR):  # inserted after RaTE: PSNR, then SSIM
+            t = _add_column(t, frame, ("method", "scenario"), groups, metric, after, n_boot, seed)
+            t.display[metric.label] = [NOT_RUN if v == tables.UNAVAILABLE else v for v in t.display[metric.label]]
+    return t
 
 
-def build_table2(frame: pd.DataFrame, methods: Sequence[str], chains: Sequence[str], n_boot: int, seed: int) -> Table:
-    """Table 2; usability shows "-" for the image-only baselines (not measured)."""
+def build_table2(frame: pd.DataFrame, methods: Sequence[str], chains: Sequence[str], n_boot: int, seed: int,
+                 convention: str = "ours") -> Table:
+    """Table 2; usability shows "-" for the image-only baselines (not measured). The ``paper``
+    convention has no brain-masked columns."""
     notes = [
         "Usability (Top-1): closed-set Top-1 of UniBrain when the imputed slice replaces the real one in the "
         "complete-data context (VAE + ViT); two-stage: the U-Net slice in the understanding-only (ViT) context.",
         "Chains start from real inputs. copy-nearest: most similar input, histogram-matched to the training "
         "mean; U-Net: one supervised U-Net per chain trained on the train split. '-' = not measured.",
     ]
-    t = tables.table2(frame, methods=methods, chains=chains, n_boot=n_boot, seed=seed, notes=notes)
+    metrics = tables.TABLE2_PAPER_METRICS if convention == "paper" else tables.TABLE2_METRICS
+    t = tables.table2(frame, methods=methods, chains=chains, n_boot=n_boot, seed=seed, notes=notes, metrics=metrics)
     label = tables.TABLE2_METRICS[4].label
     measured = {METHOD_UNIFIED, METHOD_TWO_STAGE} | {m for m in methods if m.startswith(METHOD_UNIFIED + "*")}
     t.display[label] = [v if m in measured or v == tables.EMPTY else NOT_RUN
@@ -680,9 +872,9 @@ def _progress(enabled: bool) -> Iterator[Any]:
     if not enabled:
         yield None
         return
-    from rich.progress import Progress
+    from unibrain_cli.io.console import progress_bar
 
-    with Progress(transient=True) as bar:
+    with progress_bar(transient=True) as bar:
         yield bar
 
 
@@ -733,11 +925,14 @@ def evaluate(
     thinking_tokens: int = DEFAULT_THINKING_TOKENS,
     answer_tokens: int = DEFAULT_ANSWER_TOKENS,
     cfg_img_scale: float | None = None,
+    convention: str = "ours",
 ) -> EvalResult:
-    """Evaluate a checkpoint on a SLICES folder like the paper's Tables 1-3 (module docstring)."""
+    """Evaluate a checkpoint on a SLICES folder like the paper's Tables 1-3 (module docstring);
+    ``convention`` ``"ours"`` or ``"paper"`` (the authors' metric rules, :data:`CONVENTION_RULES`)."""
     t_start = time.perf_counter()
     scen = parse_scenarios(scenarios)
     names = parse_baselines(baselines)
+    _check_convention(convention)
     if ensemble < 1:
         raise UserError(f"must be >= 1, got {ensemble}", "--ensemble")
     if max_cases < 0:
@@ -753,14 +948,16 @@ def evaluate(
     if data is None:
         raise UserError("a SLICES folder is required (from `unibrain slice`)", "--data")
     variants = ablation_folders(ckpt) if ablation else {"full": resolve_checkpoint(ckpt)}
-    cases, size = load_cases(data, split, max_cases, seed)
+    cases, size = load_cases(data, split, max_cases, seed, convention)
+    conv = convention_summary(convention, data, split, cases)
+    conv_line = convention_line(conv)
     chains = CHAIN_KEYS if chain else ()
     base = fit_baselines(data, names, chains, unet_steps, seed, device, progress) if chains and names else Baselines()
     t_fit = time.perf_counter() - t_start
 
     bundle = _load(variants["full"], device, size, data, cfg_img_scale)
     recipe = bundle.recipe
-    settings = Settings(thinking_tokens, answer_tokens, steps, seed)
+    settings = Settings(thinking_tokens, answer_tokens, steps, seed, convention)
     main_ev = ModelEvaluator(bundle, settings)
     with _progress(progress) as bar:
         task = bar.add_task("evaluate", total=len(cases)) if bar is not None else None
@@ -804,12 +1001,12 @@ def evaluate(
     n_boot = recipe.eval.bootstrap
     frame1 = _frame(main.table1, TABLE1_COLUMNS)
     frame2 = _frame(main.table2, TABLE2_COLUMNS)
-    made: dict[str, Table] = {"table1": build_table1(frame1, scen, n_boot, seed, rate_note)}
+    made: dict[str, Table] = {"table1": build_table1(frame1, scen, n_boot, seed, rate_note, convention)}
     if chains:
         methods2 = [METHOD_UNIFIED] + ([ensemble_name(ensemble)] if ensemble > 1 else [])
         methods2 += [m for b, m in (("copy", METHOD_COPY), ("unet", METHOD_UNET), ("two-stage", METHOD_TWO_STAGE))
                      if b in names]
-        made["table2"] = build_table2(frame2, methods2, chains, n_boot, seed)
+        made["table2"] = build_table2(frame2, methods2, chains, n_boot, seed, convention)
         if probe is not None:
             made["table2"].footer.append(probe_line(probe))
     if ablation:
@@ -818,6 +1015,8 @@ def evaluate(
                                        n_boot=n_boot, seed=seed,
                                        notes=["A: understanding-only protocol; B, C, UniBrain: unified protocol "
                                               "(inputs, imputation with thinking, answer)."])
+    for t in made.values():
+        t.notes.append(conv_line)
 
     per_case = float(np.mean(main.seconds)) if main.seconds else math.nan
     summary: dict[str, Any] = {
@@ -830,7 +1029,7 @@ def evaluate(
         "seed": seed, "device": device, "thinking_tokens": thinking_tokens, "answer_tokens": answer_tokens,
         "sample_steps": steps or recipe.flow.sample_steps, "cfg_img_scale": recipe.flow.cfg_img_scale,
         "cfg_text_scale": recipe.flow.cfg_text_scale, "unet_steps": unet_steps if base.unets else None,
-        "bootstrap": n_boot, "ratescore": rate_note,
+        "bootstrap": n_boot, "ratescore": rate_note, "convention": conv,
         "cohorts": {
             "table1": {s: int(((frame1["scenario"] == s) & (frame1["method"] == METHOD_UNIFIED)).sum()) for s in scen},
             "table2": {c: int(((frame2["chain"] == c) & (frame2["method"] == METHOD_UNIFIED)).sum()) for c in chains},

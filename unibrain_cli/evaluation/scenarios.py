@@ -81,3 +81,56 @@ def chain_applies(inputs: Sequence[str], target: str, present: Sequence[str], kn
     """Whether a case with ``present`` modalities is in the cohort of the chain ``inputs -> target``."""
     need = (*inputs, target)
     return all(m in present and m in known for m in need)
+
+
+# ---------------------------------------------------------------------------------------------
+# what the authors' convention scores (``unibrain evaluate --convention paper``)
+# ---------------------------------------------------------------------------------------------
+
+
+def middle_lesion_index(lesion_ks: Sequence[int]) -> int:
+    """The authors' middle lesion slice: the middle element of the sorted axial indices that hold
+    lesion, ``ks[len(ks) // 2]`` (for an even count the upper of the two middle slices).
+
+    Their ``evaluate_metrics.py`` takes ``np.where(np.any(mask > 0, axis=(1, 2)))[0]`` and that element.
+    Note it is not the centre of the lesion's axial extent (``unibrain slice``'s eval slice): for a
+    lesion on z = 3..6 it is 5, the extent centre is 4.
+    """
+    ks = sorted({int(k) for k in lesion_ks})
+    if not ks:
+        raise ValueError("no lesion slice given")
+    return ks[len(ks) // 2]
+
+
+def paper_slice_position(slice_ks: Sequence[int], lesion_px: Sequence[float], is_eval: Sequence[bool]) -> int:
+    """Which of ONE case's stored slices the authors' convention scores (a position into the arguments).
+
+    ``slice_ks`` are the stored slices' axial indices, ``lesion_px`` their lesion pixel counts,
+    ``is_eval`` the slicer's eval flag (the lesion slice nearest the centre of the lesion's axial
+    extent, or the central brain slice of a case without lesion). With lesion on some stored slice:
+    the stored slice nearest :func:`middle_lesion_index` of the stored lesion slices (it is one of
+    them), ties to the lower index. It is the authors' slice when every lesion slice of the case is
+    stored (``unibrain slice --all-lesion-slices``); otherwise the middle is over the stored ones
+    only. Without lesion on any stored slice: the eval slice (the authors take the volume's middle
+    slice, which a slices folder does not store); the first slice when none is flagged.
+    """
+    if not (len(slice_ks) == len(lesion_px) == len(is_eval)) or not slice_ks:
+        raise ValueError("need one or more slices with a k, a lesion pixel count and an eval flag each")
+    lesion = [int(k) for k, px in zip(slice_ks, lesion_px) if float(px) > 0]
+    if lesion:
+        mid = middle_lesion_index(lesion)
+        return min(range(len(slice_ks)), key=lambda i: (abs(int(slice_ks[i]) - mid), int(slice_ks[i])))
+    flagged = [i for i, e in enumerate(is_eval) if bool(e)]
+    return flagged[0] if flagged else 0
+
+
+def scored_targets(targets: Sequence[str], convention: str) -> tuple[str, ...]:
+    """The imputed ``targets`` of one chain (in generation order) whose image is scored.
+
+    ``ours``: every target; ``paper``: only the last one (the authors score the last target of a
+    chain, ``all_gt_img[-1]``). An empty chain scores nothing.
+    """
+    if convention not in ("ours", "paper"):
+        raise ValueError(f"unknown convention {convention!r}; expected 'ours' or 'paper'")
+    targets = tuple(targets)
+    return targets[-1:] if convention == "paper" else targets

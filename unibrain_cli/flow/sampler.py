@@ -11,7 +11,7 @@ the text context dropped ``v_t`` and the one with the image context dropped ``v_
     v      = v_i + img_scale * (v_text - v_i)
 
 then ``renorm`` rescales v by ``clamp(|v_c| / |v|, renorm_min, 1)`` (``global``: norms over
-the whole tensor, so one image per call; ``channel``: per token over the last dim;
+one image — the whole tensor [n, D], or each [n, D] of a batch [B, n, D]; ``channel``: per token over the last dim;
 ``text_channel``: only the text-guided part, per token, before image guidance). Guidance acts
 only while ``interval[0] < t <= interval[1]``. Unlike BAGEL, image guidance also works with
 text guidance off (BAGEL nests it inside the text branch); with ``text_scale > 1`` they agree.
@@ -62,6 +62,8 @@ def cfg_active(
 def _norm(v: Tensor, per_channel: bool) -> Tensor:
     if per_channel:
         return torch.linalg.vector_norm(v.float(), dim=-1, keepdim=True)
+    if v.dim() == 3:  # a batch of images [B, n, D]: one norm per image
+        return torch.linalg.vector_norm(v.float(), dim=(1, 2), keepdim=True)
     return torch.linalg.vector_norm(v.float())
 
 
@@ -140,9 +142,9 @@ def sample(
     x = x_init
     bar = None
     if progress:
-        from rich.progress import Progress
+        from unibrain_cli.io.console import progress_bar
 
-        bar = Progress(transient=True)
+        bar = progress_bar(transient=True)
         bar.start()
         task = bar.add_task("sampling", total=steps)
     try:

@@ -373,13 +373,44 @@ def paste_slices(slices: Mapping[int, np.ndarray], case: CaseVolumes, geo: Slice
     return vol
 
 
+def output_voxel_extent(case: CaseVolumes) -> np.ndarray:
+    """Per axis of the 1 mm grid, the extent (in grid voxels) of one output voxel along it: the
+    projection of the output voxel's edges onto the axis (8.3 for 8.3 mm slices, ~1 otherwise)."""
+    grid_axes = case.affine[:3, :3] / np.linalg.norm(case.affine[:3, :3], axis=0)
+    grid_spacing = np.linalg.norm(case.affine[:3, :3], axis=0)
+    edges = np.asarray(case.out_affine, dtype=np.float64)[:3, :3]
+    return np.abs(grid_axes.T @ edges).sum(axis=1) / grid_spacing
+
+
 def to_output_space(array: np.ndarray, case: CaseVolumes) -> Volume:
-    """A grid volume resampled onto the first input's own shape and affine."""
+    """A grid volume resampled onto the first input's own shape and affine.
+
+    Where an output voxel spans several 1 mm grid voxels (thick slices, coarse in-plane
+    sampling), the grid is first box-averaged over that extent (``scipy.ndimage.uniform_filter``),
+    so that the output voxel holds the mean over its own volume — what a thick-slab acquisition
+    measures — instead of one point sample of it.
+    """
     vol = Volume(array.astype(np.float32), case.affine, "intensity")
     if case.shape == tuple(case.out_shape) and np.allclose(case.affine, case.out_affine, atol=1e-5):
         return Volume(vol.array, np.array(case.out_affine), "intensity")
+    size = np.maximum(1, np.rint(output_voxel_extent(case))).astype(int)
+    if (size > 1).any():
+        from scipy.ndimage import uniform_filter
+
+        vol = vol.with_array(uniform_filter(vol.array, size=tuple(int(n) for n in size), mode="constant"))
     out = resample_to(vol, case.out_shape, case.out_affine)
     return Volume(out.array.astype(np.float32), np.array(case.out_affine), "intensity")
+
+
+def coverage(case: CaseVolumes, ks: Sequence[int]) -> tuple[int, int]:
+    """(output voxels inside the input's brain, how many of them receive generated slices) when
+    the axial grid slices ``ks`` are generated (the rest stays 0)."""
+    brain = case.brain.astype(np.float32)
+    done = np.zeros_like(brain)
+    done[:, :, list(ks)] = brain[:, :, list(ks)]
+    inside = to_output_space(brain, case).array > 0.5
+    filled = to_output_space(done, case).array > 0
+    return int(inside.sum()), int((inside & filled).sum())
 
 
 def representative_slice(case: CaseVolumes, size: int) -> tuple[dict[str, np.ndarray], np.ndarray, int]:

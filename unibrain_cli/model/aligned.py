@@ -58,7 +58,8 @@ class AlignedContext(nn.Module):
         nn.init.zeros_(self.weight)
         nn.init.zeros_(self.bias)
 
-    def stack(self, packed: PackedSequence, prior: Sequence[SlotImage] = ()) -> Tensor:
+    def stack(self, packed: PackedSequence, prior: Sequence[SlotImage] = (),
+              priors: Sequence[Sequence[SlotImage]] | None = None) -> Tensor:
         """The aligned stack of every noisy VAE token: [N_noisy, num_slots * (D + 1)], rows in
         ``packed.noisy_vae_rows`` order.
 
@@ -66,7 +67,11 @@ class AlignedContext(nn.Module):
             packed: the pack (its ``vae_latents`` hold the clean images' tokens).
             prior: clean images of a cached context before the pack (one-sample packs only),
                 oldest first.
+            priors: per sample, the clean images of its cached context (batched inference,
+                :mod:`unibrain_cli.model.batch_cache`); replaces ``prior``.
         """
+        if priors is not None and len(priors) != packed.num_samples:
+            raise ValueError(f"{len(priors)} priors for a pack of {packed.num_samples} samples")
         d, s = self.latent_dim, self.num_slots
         lat = packed.vae_latents
         n_noisy = int(packed.vae_noisy.sum())
@@ -74,19 +79,23 @@ class AlignedContext(nn.Module):
                           dtype=lat.dtype if lat is not None else torch.float32)
         if n_noisy == 0 or lat is None:
             return out
-        latest: dict[int, tuple[tuple[int, int], Tensor]] = {}
         if prior:
             if packed.num_samples != 1:
                 raise ValueError("a cached context (prior images) needs a one-sample pack")
-            for slot, grid, tokens in prior:
-                latest[slot] = (grid, tokens)
+            priors = [prior]
+
+        def context_of(sample: int) -> dict[int, tuple[tuple[int, int], Tensor]]:
+            return {slot: (grid, tokens) for slot, grid, tokens in (priors[sample] if priors else ())}
+
         sample = 0
+        latest = context_of(0)
         row = 0
         for span in packed.images:
             if span.kind != "vae":
                 continue
             if span.sample != sample:
-                sample, latest = span.sample, {}
+                sample = span.sample
+                latest = context_of(sample)
             tokens = lat[span.token_start: span.token_start + span.num_tokens]
             if not span.noisy:
                 if 0 <= span.modality < s:
@@ -101,16 +110,18 @@ class AlignedContext(nn.Module):
             row += span.num_tokens
         return out
 
-    def forward(self, packed: PackedSequence, prior: Sequence[SlotImage] = ()) -> Tensor:
+    def forward(self, packed: PackedSequence, prior: Sequence[SlotImage] = (),
+                priors: Sequence[Sequence[SlotImage]] | None = None) -> Tensor:
         """[N_noisy, hidden]: the projection added to the noisy tokens' input embeddings."""
-        return F.linear(self.stack(packed, prior).to(self.weight.dtype), self.weight, self.bias)
+        return F.linear(self.stack(packed, prior, priors).to(self.weight.dtype), self.weight, self.bias)
 
 
-def clean_slot_images(packed: PackedSequence) -> list[SlotImage]:
-    """The clean VAE images of a one-sample block that carry a modality slot, in order (what a
-    KV cache records when the block is appended)."""
+def clean_slot_images(packed: PackedSequence, sample: int | None = None) -> list[SlotImage]:
+    """The clean VAE images that carry a modality slot, in order (what a KV cache records when
+    the block is appended): of a one-sample block, or of ``sample`` of a multi-sample one."""
     lat = packed.vae_latents
     if lat is None:
         return []
     return [(span.modality, span.grid_hw, lat[span.token_start: span.token_start + span.num_tokens])
-            for span in packed.images if span.kind == "vae" and not span.noisy and span.modality >= 0]
+            for span in packed.images if span.kind == "vae" and not span.noisy and span.modality >= 0
+            and (sample is None or span.sample == sample)]

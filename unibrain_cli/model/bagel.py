@@ -37,6 +37,7 @@ from unibrain_cli.config.validate import validate_model_config
 from unibrain_cli.modalities import MODALITIES
 from unibrain_cli.model.aligned import AlignedContext, clean_slot_images
 from unibrain_cli.model.attention import MODE_NOISE
+from unibrain_cli.model.batch_cache import BatchKVCache, BatchStep
 from unibrain_cli.model.decoder import MoTLanguageModel, Routing
 from unibrain_cli.model.embeddings import MLPconnector, PositionEmbedding, TimestepEmbedder
 from unibrain_cli.model.kv_cache import KVCache, SlotImage
@@ -191,13 +192,15 @@ class UniBrainModel(nn.Module):
 
     # -- embedding ----------------------------------------------------------------------------
 
-    def embed(self, packed: PackedSequence, prior: Sequence[SlotImage] = ()) -> Tensor:
+    def embed(self, packed: PackedSequence, prior: Sequence[SlotImage] = (),
+              priors: Sequence[Sequence[SlotImage]] | None = None) -> Tensor:
         """Input embeddings of a pack: [N, hidden] in the model dtype.
 
         Text rows: ``embed_tokens``; ViT rows: connector(ViT(patches)) + vit_pos_embed; VAE rows:
         vae2llm(latents) + time_embedder(t) + latent_pos_embed; with ``aligned_context`` noisy VAE
         rows also get the aligned projection of the earlier clean images (``prior``: those of a
-        cached context, see :mod:`unibrain_cli.model.aligned`).
+        cached context, see :mod:`unibrain_cli.model.aligned`; ``priors``: one per sample, for a
+        batched cache).
         """
         dtype = self.dtype
         h = torch.zeros(packed.length, self.config.llm.hidden_size, dtype=dtype, device=packed.device)
@@ -224,7 +227,7 @@ class UniBrainModel(nn.Module):
             )
             if self.aligned_context is not None and bool(packed.vae_noisy.any()):
                 noisy = packed.noisy_vae_rows
-                emb = emb.index_add(0, noisy, self.aligned_context(packed, prior).to(emb.dtype))
+                emb = emb.index_add(0, noisy, self.aligned_context(packed, prior, priors).to(emb.dtype))
             h = h.index_put((packed.vae_indexes,), emb.to(dtype))
         return h
 
@@ -338,6 +341,48 @@ class UniBrainModel(nn.Module):
             images = clean_slot_images(block) if self.aligned_context is not None else ()
             cache.append(present, keep, block.sample_next_positions[0], images)
         return self._heads(block, hidden, logits_at, velocity_at)
+
+    def forward_batch(
+        self,
+        block: PackedSequence,
+        cache: BatchKVCache,
+        rows: Sequence[int],
+        update: bool,
+        logits_at: LogitsAt = "last",
+        velocity_at: VelocityAt = "none",
+    ) -> ModelOutput:
+        """Run a multi-sample block, sample i after row ``rows[i]`` of a batched cache.
+
+        The batched twin of :meth:`forward_cached` (one decoder forward for every row; see
+        :mod:`unibrain_cli.model.batch_cache`). Outputs are in block order (sample by sample).
+
+        Args:
+            block: B' samples (text, ViT, clean or noisy VAE splits), built from position 0 each.
+            cache: the rows' contexts; modified only when ``update``.
+            rows: the cache row each sample continues (distinct).
+            update: store the block's non-noise keys/values and advance the rows' positions.
+            logits_at, velocity_at: as in :meth:`forward` (``"last"`` = last row of each sample).
+        """
+        cfg = self.config.llm
+        rows = [int(r) for r in rows]
+        h = self.embed(block, priors=[cache.images[r] for r in rows])
+        route = Routing(block.und_indexes, block.gen_indexes, block.length)
+        step = BatchStep.plan(cache, rows, block)
+        cache.reserve(step.l_max, cfg.num_kv_heads, cfg.head_dim, self.dtype, block.device)
+        offsets = torch.tensor([cache.next_positions[r] for r in rows], device=block.device)
+        positions = block.position_ids + offsets[block.sample_ids]
+        past = [step.layer(i) for i in range(self.num_layers)]
+        hidden, _ = self.language_model(h, positions, route, None, "sdpa", past, grid=self.image_grid(block))
+        if update:
+            step.commit()
+            if self.aligned_context is not None:
+                for i, r in enumerate(rows):
+                    cache.images[r] = cache.images[r] + tuple(clean_slot_images(block, i))
+        return self._heads(block, hidden, logits_at, velocity_at)
+
+    def new_batch_cache(self, batch: int) -> BatchKVCache:
+        """An empty batched cache of ``batch`` rows."""
+        return BatchKVCache(self.num_layers, batch)
 
     def prefill(self, cache: KVCache, block: PackedSequence, backend: str | None = None) -> ModelOutput:
         """Append a context block (text / ViT / clean VAE) to the cache; returns last-row logits."""

@@ -22,8 +22,9 @@ Module names equal BAGEL's so state dicts map one to one under ``language_model.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,16 @@ from unibrain_cli.config.validate import validate_llm_config
 from unibrain_cli.model.attention import MaskInfo, attend
 
 KV = tuple[Tensor, Tensor]
+
+
+class BatchedPast(Protocol):
+    """The past of one layer in a batched forward (:class:`unibrain_cli.model.batch_cache.BatchLayer`):
+    it stores the new rows' keys/values itself and runs the attention."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+
+
+Past = KV | BatchedPast
 
 
 @dataclass(frozen=True)
@@ -191,9 +202,9 @@ class MoTAttention(nn.Module):
         route: Routing,
         cos: Tensor,
         sin: Tensor,
-        mask: MaskInfo,
+        mask: MaskInfo | None,
         backend: str,
-        past: KV | None = None,
+        past: Past | None = None,
     ) -> tuple[Tensor, KV]:
         """Attention of the new rows x [N, hidden] over ``past`` keys + their own keys.
 
@@ -217,6 +228,9 @@ class MoTAttention(nn.Module):
         q = apply_rotary(route.apply(x, q_und, q_gen), cos, sin)
         k = apply_rotary(route.apply(x, k_und, k_gen), cos, sin)
         v = route.apply(x, self.v_proj, self.v_proj_moe_gen).view(n, heads_kv, d)
+        if past is not None and not isinstance(past, tuple):  # a batched cache (model.batch_cache.BatchLayer)
+            out = past.attend(q, k, v).reshape(n, heads_q * d)
+            return route.apply(out, self.o_proj, self.o_proj_moe_gen), (k, v)
         k_all, v_all = (torch.cat([past[0], k]), torch.cat([past[1], v])) if past is not None else (k, v)
         out = attend(q, k_all.to(q.dtype), v_all.to(q.dtype), mask, backend=backend).reshape(n, heads_q * d)
         return route.apply(out, self.o_proj, self.o_proj_moe_gen), (k, v)
@@ -241,9 +255,9 @@ class MoTDecoderLayer(nn.Module):
         route: Routing,
         cos: Tensor,
         sin: Tensor,
-        mask: MaskInfo,
+        mask: MaskInfo | None,
         backend: str,
-        past: KV | None = None,
+        past: Past | None = None,
     ) -> tuple[Tensor, KV]:
         """x [N, hidden] -> (x' [N, hidden], new (k, v))."""
         h = route.apply(x, self.input_layernorm, self.input_layernorm_moe_gen)
@@ -271,9 +285,9 @@ class MoTModel(nn.Module):
         x: Tensor,
         position_ids: Tensor,
         route: Routing,
-        mask: MaskInfo,
+        mask: MaskInfo | None,
         backend: str = "auto",
-        past: list[KV] | None = None,
+        past: Sequence[Past] | None = None,
         grid: Tensor | None = None,
     ) -> tuple[Tensor, list[KV]]:
         """Run all layers on embedded rows.
@@ -330,9 +344,9 @@ class MoTLanguageModel(nn.Module):
         x: Tensor,
         position_ids: Tensor,
         route: Routing,
-        mask: MaskInfo,
+        mask: MaskInfo | None,
         backend: str = "auto",
-        past: list[KV] | None = None,
+        past: Sequence[Past] | None = None,
         grid: Tensor | None = None,
     ) -> tuple[Tensor, list[KV]]:
         """See :meth:`MoTModel.forward`; returns final hidden states (apply ``lm_head`` as needed)."""

@@ -247,7 +247,7 @@ def report_corpus(data_dir: Path) -> Iterator[str]:
     """Report texts of the train split of a slices folder (index order)."""
     import json
 
-    from unibrain_cli.evaluation.slices_data import SliceDataset
+    from unibrain_cli.data.slices_data import SliceDataset
 
     ds = SliceDataset(data_dir, split="train")
     cols = [c for c in ("findings_2d", "findings_3d", "global_finding_2d", "global_finding", "impression")

@@ -258,11 +258,13 @@ class _ResumePoint:
 def _progress_bar(enabled: bool) -> Any:
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[terms]}"), TextColumn("{task.fields[speed]}"),
-                    TimeRemainingColumn())
+    from unibrain_cli.io.console import progress_bar
+
+    return progress_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[terms]}"), TextColumn("{task.fields[speed]}"),
+                        TimeRemainingColumn())
 
 
 def run_stage(

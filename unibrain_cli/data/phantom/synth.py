@@ -106,9 +106,11 @@ def _progress(enabled: bool, total: int) -> Iterator:
     if not enabled:
         yield lambda: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+    from unibrain_cli.io.console import progress_bar
+
+    with progress_bar(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         task = bar.add_task("cases", total=total)
         yield lambda: bar.advance(task)
 

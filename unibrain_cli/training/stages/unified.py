@@ -48,9 +48,9 @@ from unibrain_cli.data.dataflow import (
     record_impression,
     record_modalities,
 )
+from unibrain_cli.data.slices_data import SliceDataset, read_slices_meta
 from unibrain_cli.data.tokenizer import TextTokenizer
 from unibrain_cli.errors import UserError
-from unibrain_cli.evaluation.slices_data import SliceDataset, read_slices_meta
 from unibrain_cli.flow.objective import sample_timesteps
 from unibrain_cli.modalities import MODALITIES
 from unibrain_cli.model.bagel import UniBrainModel

@@ -39,9 +39,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from unibrain_cli.config.components import VAEConfig
+from unibrain_cli.data.slices_data import SliceDataset, read_slices_meta
 from unibrain_cli.errors import UserError
 from unibrain_cli.evaluation.metrics import psnr
-from unibrain_cli.evaluation.slices_data import SliceDataset, read_slices_meta
 from unibrain_cli.modalities import MODALITIES
 from unibrain_cli.model.vae import AutoEncoder
 from unibrain_cli.training.stages import EpochSampler, StageTask, StepOutput
