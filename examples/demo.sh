@@ -23,7 +23,7 @@ stamp "3/6 slice: lesion-centred 64x64 axial slices with 2D size phrases"
 $UB slice "$D/prepared" --out "$D/slices" --size 64 --per-case 6 --workers 2
 stamp "4/6 train: $RECIPE (vae -> sa -> unified -> dhs)"
 $UB train --recipe "$RECIPE" --data "$D/slices" --out "$D/run"
-stamp "5/6 impute: T2 and FLAIR of one test case from its T1"
+stamp "5/6 impute: T2 and FLAIR volumes (every brain slice) of one test case from its T1"
 CASE=$($PY - "$D/prepared" <<'PYEOF'
 import sys, pandas as pd
 m = pd.read_parquet(f"{sys.argv[1]}/manifest.parquet")

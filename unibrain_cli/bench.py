@@ -172,32 +172,43 @@ def impute_kv_cache() -> dict[str, Any]:
 
 @bench("impute_full_volume")
 def impute_full_volume() -> dict[str, Any]:
-    """`small` (random weights) imputing T2 for every brain slice of nilearn's MNI152 T1 (2 mm):
-    seconds per volume and the process's peak resident memory."""
-    import resource
+    """`small` (random weights) imputing T2 for every brain slice of nilearn's MNI152 T1 (2 mm,
+    157 slices on the 1 mm grid): one slice at a time vs batched (``--batch-size``), each in a
+    fresh process (its own peak resident memory), at two bounds on the thinking text (a random
+    model never stops early: 16 tokens, and 48 ~ what the demo model writes per target); the
+    batched volume must equal the one-by-one volume."""
+    import subprocess
+    import sys
     import tempfile
 
     import nibabel as nib
+    import numpy as np
     from nilearn.datasets import load_mni152_template
 
     from unibrain_cli.inference.bench import make_random_checkpoint
-    from unibrain_cli.inference.checkpoint import load_for_inference
-    from unibrain_cli.inference.impute import impute
-    from unibrain_cli.inference.inputs import resolve_inputs
+    from unibrain_cli.inference.impute import DEFAULT_BATCH
 
+    out: dict[str, Any] = {"volume": "MNI152 T1 2 mm (nilearn)", "batch_size": DEFAULT_BATCH}
     with tempfile.TemporaryDirectory() as tmp:
         t1 = Path(tmp) / "mni_t1.nii.gz"
         nib.save(load_mni152_template(resolution=2), t1)
-        bundle = load_for_inference(make_random_checkpoint(Path(tmp) / "ckpt", "small"))
-        spec = resolve_inputs(f"t1={t1}", None, None, None)
-        t0 = time.perf_counter()
-        res = impute(spec, ["t2"], None, Path(tmp) / "out", slices="all", bundle=bundle,
-                     thinking_tokens=16, answer_tokens=0)
-        sec = time.perf_counter() - t0
-        n = len(res.slices)
-    return {"volume": "MNI152 T1 2 mm (nilearn)", "slices_generated": n, "seconds_per_volume": round(sec, 1),
-            "seconds_per_slice": round(sec / max(n, 1), 3), "thinking_tokens": 16,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        ckpt = make_random_checkpoint(Path(tmp) / "ckpt", "small")
+        for thinking in (16, 48):
+            runs = {}
+            for bs in (1, DEFAULT_BATCH):
+                dest = Path(tmp) / f"out_{thinking}_{bs}"
+                cmd = [sys.executable, "-m", "unibrain_cli.inference.bench", "volume", "--ckpt", str(ckpt),
+                       "--t1", str(t1), "--out", str(dest), "--batch-size", str(bs), "--thinking", str(thinking)]
+                done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                runs[bs] = json.loads(done.stdout.strip().splitlines()[-1])
+                runs[bs]["volume"] = nib.load(str(dest / "t2_imputed.nii.gz")).get_fdata()
+            one, many = runs[1], runs[DEFAULT_BATCH]
+            diff = float(np.abs(one.pop("volume") - many.pop("volume")).max())
+            out[f"thinking_{thinking}"] = {
+                "one_by_one": one, "batched": many, "speedup": round(one["generate_s"] / many["generate_s"], 2),
+                "max_abs_diff": diff,
+            }
+    return out
 
 
 @bench("train_stages_small")
@@ -241,6 +252,17 @@ def synth_prepare() -> dict[str, Any]:
             "note": "2 mm phantom volumes are resampled to 1 mm by prepare"}
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s "Model name"), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
@@ -250,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)
     results: dict[str, Any] = {
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu_count": os.cpu_count(), "cpu_model": _cpu_model(), "platform": platform.platform(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
     for name, fn in BENCHES.items():

@@ -103,3 +103,45 @@ def bench_impute_cache(
         "speedup": round(full_s / cached_s, 2),
         "cached_s_by_num_targets": per_length,
     }
+
+
+def bench_volume(ckpt: str | Path, t1: str | Path, out: str | Path, batch_size: int, thinking_tokens: int,
+                 targets: Sequence[str] = ("t2",)) -> dict[str, Any]:
+    """Impute ``targets`` for every brain slice of the T1 volume ``t1``: seconds and this process's
+    peak resident memory (run it in a fresh process per mode, see ``python -m
+    unibrain_cli.inference.bench volume``)."""
+    import resource
+
+    from unibrain_cli.inference.impute import impute
+    from unibrain_cli.inference.inputs import resolve_inputs
+
+    bundle = load_for_inference(ckpt)
+    spec = resolve_inputs(f"t1={t1}", None, None, None)
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    res = impute(spec, list(targets), None, Path(out), slices="all", bundle=bundle, thinking_tokens=thinking_tokens,
+                 answer_tokens=0, batch_size=batch_size)
+    sec = time.perf_counter() - t0
+    return {"batch_size": batch_size, "slices": len(res.slices), "seconds": round(sec, 2),
+            "generate_s": res.timings["generate"], "seconds_per_slice": round(sec / max(len(res.slices), 1), 4),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "rss_after_load_mb": round(rss_loaded, 1)}
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="one full-volume imputation in this process (for make bench)")
+    parser.add_argument("what", choices=["volume"])
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--t1", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--thinking", type=int, required=True)
+    args = parser.parse_args(argv)
+    print(json.dumps(bench_volume(args.ckpt, args.t1, args.out, args.batch_size, args.thinking)))
+
+
+if __name__ == "__main__":
+    _main()
