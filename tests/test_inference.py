@@ -437,9 +437,11 @@ def test_diagnose_and_report(bundle, tmp_path):
         assert sum(res.probabilities.values()) == pytest.approx(1.0)
         assert res.prediction == max(res.probabilities, key=res.probabilities.get)
         assert res.imputed == (["t2", "flair", "t1ce"] if imp else [])
+        assert res.slice_rule == "the largest brain slice of the central fifth (no lesion mask)"
     rep = report(spec, None, bundle=bundle, max_tokens=5)
     assert list(rep.findings) == ["t1"]
     assert "IMPRESSION" in format_report(rep, "text")
+    assert f"SLICE  axial {rep.slice_index} of the 1 mm grid, the largest brain slice" in format_report(rep, "text")
     assert format_report(rep, "markdown").startswith("# UniBrain report")
     assert json.loads(format_report(rep, "json"))["findings"].keys() == {"t1"}
 

@@ -31,7 +31,13 @@ from unibrain_cli.inference.engine import (
     softmax_scores,
 )
 from unibrain_cli.inference.impute import CHAIN
-from unibrain_cli.inference.inputs import CaseVolumes, InputSpec, load_case, representative_slice
+from unibrain_cli.inference.inputs import (
+    CaseVolumes,
+    InputSpec,
+    load_case,
+    representative_rule,
+    representative_slice,
+)
 from unibrain_cli.modalities import DISEASES
 
 
@@ -45,6 +51,7 @@ class Diagnosis:
     given: list[str]
     imputed: list[str]
     slice_index: int
+    slice_rule: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,14 +109,15 @@ def diagnose(
     scores = diagnosis_scores(engine, ctx, DISEASES)
     probs = softmax_scores(scores)
     best = max(probs, key=lambda c: probs[c])
-    return Diagnosis(best, probs, scores, list(images), targets, k)
+    return Diagnosis(best, probs, scores, list(images), targets, k, representative_rule(case))
 
 
 def diagnosis_table(result: Diagnosis):  # -> rich.table.Table
     """A rich table: class, probability, log-likelihood; the prediction in bold."""
     from rich.table import Table
 
-    table = Table(title=f"Diagnosis: {result.prediction}")
+    table = Table(title=f"Diagnosis: {result.prediction}",
+                  caption=f"on axial slice {result.slice_index} of the 1 mm grid: {result.slice_rule}")
     table.add_column("class")
     table.add_column("probability", justify="right")
     table.add_column("log-likelihood", justify="right")

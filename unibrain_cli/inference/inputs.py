@@ -413,6 +413,13 @@ def coverage(case: CaseVolumes, ks: Sequence[int]) -> tuple[int, int]:
     return int(inside.sum()), int((inside & filled).sum())
 
 
+def representative_rule(case: CaseVolumes) -> str:
+    """Which slice :func:`representative_slice` takes, in words (printed by diagnose / report)."""
+    if case.lesion is not None and case.lesion.any():
+        return "the lesion's middle axial slice"
+    return "the largest brain slice of the central fifth (no lesion mask)"
+
+
 def representative_slice(case: CaseVolumes, size: int) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
     """(modality -> [S, S] in MODALITIES order, brain [S, S], axial index) of the ``lesion`` slice."""
     k = select_slices(case.brain, case.lesion, "lesion")[0]

@@ -24,7 +24,7 @@ from unibrain_cli.errors import UserError
 from unibrain_cli.inference.checkpoint import InferenceBundle
 from unibrain_cli.inference.diagnose import engine_for, load_case_and_model
 from unibrain_cli.inference.engine import ANSWER_PREFIX, Context, Engine
-from unibrain_cli.inference.inputs import InputSpec, representative_slice
+from unibrain_cli.inference.inputs import InputSpec, representative_rule, representative_slice
 from unibrain_cli.modalities import DISPLAY_NAMES
 
 ReportFormat = Literal["text", "markdown", "json"]
@@ -44,6 +44,7 @@ class Report:
     impression: str
     slice_index: int
     seed: int
+    slice_rule: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,7 +89,7 @@ def report(
     engine.add_images(ctx, engine.encode(torch.stack([torch.from_numpy(v) for v in images.values()]), list(images)))
     limit = bundle.recipe.data.max_text_tokens if max_tokens is None else max_tokens
     findings = {m: generate_findings(engine, ctx, m, limit) for m in images}
-    return Report(findings, generate_impression(engine, ctx, limit), k, seed)
+    return Report(findings, generate_impression(engine, ctx, limit), k, seed, representative_rule(case))
 
 
 def format_report(result: Report, fmt: str) -> str:
@@ -98,11 +99,13 @@ def format_report(result: Report, fmt: str) -> str:
     if fmt == "markdown":
         lines = ["# UniBrain report", "", "## Findings", ""]
         lines += [f"- **{DISPLAY_NAMES[m]}**: {t}" for m, t in result.findings.items()]
-        lines += ["", "## Impression", "", result.impression]
+        lines += ["", "## Impression", "", result.impression, "",
+                  f"*Slice: axial {result.slice_index} of the 1 mm grid, {result.slice_rule}.*"]
         return "\n".join(lines)
     if fmt == "text":
         lines = ["FINDINGS"]
         lines += [f"  {DISPLAY_NAMES[m]}: {t}" for m, t in result.findings.items()]
-        lines += ["", "IMPRESSION", f"  {result.impression}"]
+        lines += ["", "IMPRESSION", f"  {result.impression}", "",
+                  f"SLICE  axial {result.slice_index} of the 1 mm grid, {result.slice_rule}"]
         return "\n".join(lines)
     raise UserError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}", "--format")
