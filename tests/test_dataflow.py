@@ -429,3 +429,31 @@ def test_image_free_plans_hold_no_clean_image_and_generation_thinking_has_its_ow
     for p in plans:
         assert not p.thinking and not _texts(p, "thinking")
         assert p.meta["image_free"] or any(s.view != "vae_noisy" for s in _images(p))
+
+
+def test_flow_draws_repeat_each_noisy_target_and_change_no_other_draw():
+    """flow_draws = 3: each target gets three noisy blocks in a row (then its clean views); the
+    plans are otherwise the plans of flow_draws = 1 (no extra RNG draw); they validate."""
+    base = DataConfig(understanding_only_prob=0.0)
+    many = DataConfig(understanding_only_prob=0.0, flow_draws=3)
+    r1, r3 = np.random.default_rng(5), np.random.default_rng(5)
+    checked = 0
+    for _ in range(100):
+        p1, p3 = build_plan(RECORDS[0], r1, base), build_plan(RECORDS[0], r3, many)
+        validate_plan(p3)
+        assert p1.targets == p3.targets and p1.task == p3.task
+        collapsed = []
+        for s in p3.segments:
+            if not (collapsed and isinstance(s, ImageSegment) and s.view == "vae_noisy" and collapsed[-1] == s):
+                collapsed.append(s)
+        assert tuple(collapsed) == p1.segments
+        noisy = [s for s in p3.segments if isinstance(s, ImageSegment) and s.view == "vae_noisy"]
+        assert len(noisy) == 3 * len(p3.targets)
+        checked += bool(p3.targets)
+    assert checked > 30
+    bad = build_plan(RECORDS[0], np.random.default_rng(1), many)
+    segs = list(bad.segments)
+    i = next(i for i, s in enumerate(segs) if isinstance(s, ImageSegment) and s.view == "vae_noisy")
+    segs.insert(i + 4, segs[i])  # a noisy copy after the clean views: not allowed
+    with pytest.raises(ValueError):
+        validate_plan(replace(bad, segments=tuple(segs)))

@@ -179,9 +179,9 @@ def _expected_layout(items: list, geom) -> tuple[list[int], list[int], list[bool
     return targets, positions, noisy
 
 
-@pytest.mark.parametrize("stage_cls", [UnifiedStage, SAStage, DHSStage])
-def test_materialised_packs_obey_split_position_and_loss_rules(stage_cls, pipeline: Path, slices: Path) -> None:
-    recipe = recipe_with(VAE, {"name": stage_cls.name, "steps": 1})
+@pytest.mark.parametrize("stage_cls,draws", [(UnifiedStage, 1), (UnifiedStage, 3), (SAStage, 1), (DHSStage, 3)])
+def test_materialised_packs_obey_split_position_and_loss_rules(stage_cls, draws, pipeline: Path, slices: Path) -> None:
+    recipe = recipe_with(VAE, {"name": stage_cls.name, "steps": 1}, extra=(f"data.flow_draws={draws}",))
     stage = stage_cls(ctx_for(recipe, 1, slices, pipeline))
     geom = stage.geometry()
     batch = stage.next_batch(0, stage_generator(0, 1, 0))["batch"]
@@ -208,6 +208,12 @@ def test_materialised_packs_obey_split_position_and_loss_rules(stage_cls, pipeli
     assert roles <= {"thinking", "answer"}
     if stage_cls is SAStage:
         assert p.ce_indexes.numel() == 0 and bool(batch.slot_sa.all())
+    # flow draws: `draws` consecutive noisy blocks per generated target in unified, one in dhs
+    per_target = draws if stage_cls is UnifiedStage else 1
+    for items in batch.samples:
+        noisy_items = [it for it in items if isinstance(it, ImageItem) and it.noisy and not it.sa]
+        mods = [it.modality for it in noisy_items]
+        assert all(mods.count(m) == per_target for m in mods)
     # flow loss: noisy rows only, one flow time per noisy image, clean images at t = 0; noise splits hide
     assert int(p.vae_noisy.sum()) == batch.num_slots * geom.vae_image_tokens
     assert torch.equal(p.vae_timesteps[p.vae_noisy], batch.timesteps.repeat_interleave(geom.vae_image_tokens))

@@ -34,6 +34,9 @@ class DataConfig:
     diagnosis_prob: float = 0.25
     findings_prob: float = 0.3  # answer samples that first answer one modality's findings question
     pack_tokens: int = 2048  # token budget of one packed sequence
+    # noisy copies of every generated target in `unified` samples, each with its own noise and flow
+    # time (invisible to each other and to later tokens): more flow signal per context token
+    flow_draws: int = 1
 
 
 @dataclass(frozen=True)

@@ -243,6 +243,8 @@ def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> None:
             f"'model.vit.max_patches_per_side' is smaller than the ViT grid {vit} of data.image_size", source)
     if recipe.data.image_size % (recipe.model.vae.downsample * recipe.model.latent_patch_size):
         raise RecipeError("'data.image_size' must be a multiple of the VAE downsample x latent patch size", source)
+    if recipe.data.flow_draws < 1:
+        raise RecipeError(f"'data.flow_draws' must be at least 1, got {recipe.data.flow_draws}", source)
 
 
 def save_resolved(recipe: Recipe, out_dir: str | Path, name: str = "recipe.resolved.toml") -> Path:

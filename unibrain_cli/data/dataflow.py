@@ -352,8 +352,8 @@ def build_plan(record: Mapping[str, Any], rng: np.random.Generator, cfg: DataCon
         if thinking:
             text = templates.thinking_text(known, target, findings, rng)
             segments.append(TextSegment(text, loss=True, role="thinking"))
+        segments += [ImageSegment(target, "vae_noisy", loss=True)] * max(1, cfg.flow_draws)
         segments += [
-            ImageSegment(target, "vae_noisy", loss=True),
             ImageSegment(target, "vae_clean", loss=False),
             ImageSegment(target, "vit", loss=False),
         ]
@@ -485,7 +485,10 @@ def validate_plan(plan: SamplePlan) -> None:
         if s.modality in plan.targets and s.modality not in generated:
             if s.view != "vae_noisy":
                 raise ValueError(f"segment {i}: target {s.modality} appears before its generation")
-            nxt = segs[i + 1 : i + 3]
+            j = i + 1
+            while j < len(segs) and segs[j] == s:  # further flow draws of the same target
+                j += 1
+            nxt = segs[j : j + 2]
             want = [ImageSegment(s.modality, "vae_clean", False), ImageSegment(s.modality, "vit", False)]
             last = plan.task == "generation" and s.modality == plan.targets[-1]
             if list(nxt) != want and not (last or plan.meta.get("image_free")):
@@ -495,7 +498,8 @@ def validate_plan(plan: SamplePlan) -> None:
                 raise ValueError(f"segment {i}: noisy {s.modality} has clean views nothing may read")
             generated.append(s.modality)
         elif s.view == "vae_noisy":
-            raise ValueError(f"segment {i}: noisy block of {s.modality}, which is not a pending target")
+            if not (i > 0 and segs[i - 1] == s):
+                raise ValueError(f"segment {i}: noisy block of {s.modality}, which is not a pending target")
         elif s.modality not in plan.start_modalities and s.modality not in generated:
             raise ValueError(f"segment {i}: image of {s.modality}, neither input nor generated target")
     if generated != list(plan.targets):

@@ -56,6 +56,7 @@ process training need none of this (no collective inside the forward) and skip i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from unibrain_cli.config.components import DataConfig
 from unibrain_cli.flow.sampler import euler_step, timestep_schedule
 from unibrain_cli.model.packing import PackedSequence
 from unibrain_cli.training.materialize import (
@@ -299,6 +301,11 @@ class DHSStage(ModelStage):
         st, flow = self.ctx.stage, self.ctx.recipe.flow
         return DHSTrainModule(bundle.model, bundle.vae, self.geometry(), st.ntp_weight, st.flow_weight,
                               st.dhs_rollout_steps, flow.sample_timestep_shift)
+
+    def plan_config(self) -> DataConfig:
+        """One noisy block per target: DHS rolls every generation slot out (``flow_draws`` is a
+        ``unified`` setting)."""
+        return dataclasses.replace(self.ctx.recipe.data, flow_draws=1)
 
     def check(self) -> None:
         super().check()

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from unibrain_cli.config.components import DataConfig
 from unibrain_cli.config.loader import recipe_to_dict
 from unibrain_cli.data.dataflow import (
     SamplePlan,
@@ -224,11 +225,15 @@ class ModelStage(StageTask):
         g = self.geometry()
         return plan_token_count(plan, self.text_ids().length, g.vit_block_tokens, g.vae_block_tokens)
 
+    def plan_config(self) -> DataConfig:
+        """The data-flow settings plans are drawn with (the recipe's ``data``)."""
+        return self.ctx.recipe.data
+
     def draw_plan(self, rng: np.random.Generator) -> tuple[int, SamplePlan]:
         """One candidate sample: (record index, plan)."""
         _, records = self.dataset()
         i = int(rng.integers(len(records)))
-        return i, build_plan(records[i], rng, self.ctx.recipe.data)
+        return i, build_plan(records[i], rng, self.plan_config())
 
     def draw_pack(self, rng: np.random.Generator, budget: int | None = None) -> list[tuple[int, SamplePlan]]:
         """Candidates until ``budget`` tokens are reached, then the first first-fit pack of them."""
