@@ -252,6 +252,75 @@ def synth_prepare() -> dict[str, Any]:
             "note": "2 mm phantom volumes are resampled to 1 mm by prepare"}
 
 
+@bench("memory_bagel_width")
+def memory_bagel_width() -> dict[str, Any]:
+    """Peak resident memory and seconds per generated image of a model with BAGEL-7B-MoT's widths
+    (hidden 3584, 28 / 4 heads, MLP 18944, vocab 152064, ViT 1152; random bf16 weights in the released
+    folder layout) but 2 LLM and 2 ViT layers, in each --dtype / --quantize / --offload mode that runs on
+    this CPU, each mode in a fresh process (its own peak RSS), one image by the released imputation
+    protocol (CFG contexts) with 2 Euler updates; plus the full model (28 LLM / 26 ViT layers)
+    PROJECTED from the measured per-layer bytes, and its weight bytes per mode from parameter counts
+    (projections, not measurements)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from unibrain_cli.inference.memory_bench import (
+        MODES,
+        full_model_weight_bytes,
+        projection,
+        write_bagel_width_folder,
+    )
+    from unibrain_cli.model.checkpoint import BAGEL_WEIGHTS, SafetensorsWeights
+
+    llm_layers, vit_layers, steps = 2, 2, 2
+    runs: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "bagel-width"
+        written = write_bagel_width_folder(folder, llm_layers, vit_layers)
+        shapes = SafetensorsWeights(folder / BAGEL_WEIGHTS).shapes
+        layer_file_bytes = 2 * sum(
+            int(_numel(s)) for k, s in shapes.items() if k.startswith("language_model.model.layers.0."))
+        for mode in MODES:
+            cmd = [sys.executable, "-m", "unibrain_cli.inference.memory_bench", "run", "--folder", str(folder),
+                   "--mode", mode, "--steps", str(steps)]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            run["projection_full_model"] = projection(run, llm_layers, vit_layers, layer_file_bytes)
+            runs[mode] = run
+    gib = 1024**3
+    summary = {
+        mode: {"peak_rss_gib_measured": round(r["peak_rss_mb"] / 1024, 2),
+               "rss_after_load_gib_measured": round(r["rss_after_load_mb"]["VmRSS"] / 1024, 2),
+               "load_s": r["load_s"], "s_per_image_measured": r["generate_s_per_image"],
+               "peak_gib_full_model_projected": r["projection_full_model"]["projected_peak_gib"]}
+        for mode, r in runs.items()
+    }
+    return {
+        "model": {"hidden": 3584, "heads": "28/4", "mlp": 18944, "vocab": 152064, "llm_layers": llm_layers,
+                  "vit_layers": vit_layers, "weights_file_gib": round(written["ema_safetensors_bytes"] / gib, 2),
+                  "decoder_layer_file_gib": round(layer_file_bytes / gib, 3), "euler_steps": steps,
+                  "image": "256 x 256, released imputation protocol (text + image CFG)"},
+        "summary": summary,
+        "streaming_output_equals_in_memory": {
+            "fp32": runs["disk_fp32"]["image_sha256"] == runs["fp32"]["image_sha256"],
+            "bf16": runs["disk_bf16"]["image_sha256"] == runs["bf16"]["image_sha256"]},
+        "int8_vs_fp32_image_mean_abs_diff": round(abs(runs["int8"]["image_mean"] - runs["fp32"]["image_mean"]), 4),
+        "full_model_weight_gib_by_mode_projected": full_model_weight_bytes(),
+        "modes": runs,
+        "note": "measured = this process on this CPU with 2 LLM layers; *_projected = arithmetic (measured peak + "
+                "the missing layers' resident bytes + their KV cache; or parameter counts x bytes), not measured. "
+                "GPU figures (int8/nf4 on CUDA, offload cpu) are projections: no GPU here.",
+    }
+
+
+def _numel(shape: Any) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 def _cpu_model() -> str:
     """The CPU's model name (``lscpu``'s "Model name"), or the platform's processor string."""
     try:

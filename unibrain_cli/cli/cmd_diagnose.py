@@ -12,11 +12,15 @@ from unibrain_cli.cli.cmd_infer import (
     CASE_ID,
     CKPT,
     DEVICE,
+    DTYPE,
     HAVE,
+    OFFLOAD,
     PREPARED,
     PROTOCOL,
+    QUANTIZE,
     SEED,
     STEPS,
+    memory_flags,
 )
 from unibrain_cli.cli.common import command, emit_json, print_table
 
@@ -34,6 +38,9 @@ def diagnose(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     protocol: str = PROTOCOL,
     base: Path | None = BASE,
+    dtype: str = DTYPE,
+    quantize: str = QUANTIZE,
+    offload: str = OFFLOAD,
 ) -> None:
     """Print the most likely diagnosis and a probability for each class.
 
@@ -46,14 +53,16 @@ def diagnose(
     from unibrain_cli.inference.inputs import resolve_inputs
     from unibrain_cli.released.folder import choose_protocol
 
+    memory = memory_flags(dtype, quantize, offload, device)
     spec = resolve_inputs(have, case, prepared, case_id)
     if choose_protocol(protocol, ckpt, base) == "released":
         from unibrain_cli.released.diagnose import diagnose_released, released_diagnosis_table
 
-        released = diagnose_released(spec, ckpt, base, impute=impute, seed=seed, device=device, steps=steps)
+        released = diagnose_released(spec, ckpt, base, impute=impute, seed=seed, device=device, steps=steps,
+                                     memory=memory)
         emit_json(released.to_dict()) if as_json else print_table(released_diagnosis_table(released))
         return
-    result = run_diagnose(spec, ckpt, impute=impute, seed=seed, device=device, steps=steps)
+    result = run_diagnose(spec, ckpt, impute=impute, seed=seed, device=device, steps=steps, memory=memory)
     if as_json:
         emit_json(result.to_dict())
     else:

@@ -12,11 +12,15 @@ from unibrain_cli.cli.cmd_infer import (
     CASE_ID,
     CKPT,
     DEVICE,
+    DTYPE,
     HAVE,
+    OFFLOAD,
     PREPARED,
     PROTOCOL,
+    QUANTIZE,
     SEED,
     STEPS,
+    memory_flags,
 )
 from unibrain_cli.cli.common import STATE, command, out
 
@@ -43,6 +47,9 @@ def impute(
     base: Path | None = BASE,
     task: str | None = typer.Option(None, "--task", help="Released protocol only: generation (default; each target "
                                     "from the given images) or unified (the authors' chain with thinking)."),
+    dtype: str = DTYPE,
+    quantize: str = QUANTIZE,
+    offload: str = OFFLOAD,
 ) -> None:
     """Impute missing modalities with the interleaved, KV-cached protocol.
 
@@ -53,18 +60,21 @@ def impute(
     from unibrain_cli.inference.inputs import parse_modality_list, resolve_inputs
     from unibrain_cli.released.folder import choose_protocol
 
+    memory = memory_flags(dtype, quantize, offload, device)
     spec = resolve_inputs(have, case, prepared, case_id)
     targets = parse_modality_list(want, "--want") or None
     if choose_protocol(protocol, ckpt, base) == "released":
         from unibrain_cli.released.impute import impute_released
 
         result = impute_released(spec, targets, ckpt, base, out_dir, slices=slices, ensemble=ensemble, seed=seed,
-                                 device=device, force=force, task=task, steps=steps, progress=not STATE.quiet)
+                                 device=device, force=force, task=task, steps=steps, progress=not STATE.quiet,
+                                 memory=memory)
     elif task is not None:
         raise UserError("--task only applies to --protocol released", "--task")
     else:
         result = run_impute(spec, targets, ckpt, out_dir, slices=slices, ensemble=ensemble, seed=seed, steps=steps,
-                            device=device, force=force, progress=not STATE.quiet, batch_size=batch_size)
+                            device=device, force=force, progress=not STATE.quiet, batch_size=batch_size,
+                            memory=memory)
     made = ", ".join(f for k, f in result.files.items() if f.endswith(".nii.gz"))
     filled = "" if result.coverage >= 1.0 else f"; {result.coverage:.0%} of the brain's output voxels filled"
     out(f"[green]imputed[/] {made} ({len(result.slices)} slice(s){filled}) -> {result.out}")

@@ -6,7 +6,21 @@ from pathlib import Path
 
 import typer
 
-from unibrain_cli.cli.cmd_infer import BASE, CASE, CASE_ID, CKPT, DEVICE, HAVE, PREPARED, PROTOCOL, SEED
+from unibrain_cli.cli.cmd_infer import (
+    BASE,
+    CASE,
+    CASE_ID,
+    CKPT,
+    DEVICE,
+    DTYPE,
+    HAVE,
+    OFFLOAD,
+    PREPARED,
+    PROTOCOL,
+    QUANTIZE,
+    SEED,
+    memory_flags,
+)
 from unibrain_cli.cli.common import command
 from unibrain_cli.errors import UserError
 
@@ -22,6 +36,9 @@ def report(
     device: str = DEVICE,
     protocol: str = PROTOCOL,
     base: Path | None = BASE,
+    dtype: str = DTYPE,
+    quantize: str = QUANTIZE,
+    offload: str = OFFLOAD,
 ) -> None:
     """Write findings and an impression for a case.
 
@@ -37,13 +54,15 @@ def report(
         raise UserError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}", "--format")
     from unibrain_cli.released.folder import choose_protocol
 
+    memory = memory_flags(dtype, quantize, offload, device)
     spec = resolve_inputs(have, case, prepared, case_id)
     if choose_protocol(protocol, ckpt, base) == "released":
         from unibrain_cli.released.report import format_released_report, report_released
 
-        typer.echo(format_released_report(report_released(spec, ckpt, base, seed=seed, device=device), fmt))
+        released = report_released(spec, ckpt, base, seed=seed, device=device, memory=memory)
+        typer.echo(format_released_report(released, fmt))
         return
-    result = run_report(spec, ckpt, seed=seed, device=device)
+    result = run_report(spec, ckpt, seed=seed, device=device, memory=memory)
     typer.echo(format_report(result, fmt))
 
 

@@ -36,6 +36,7 @@ from unibrain_cli.model.checkpoint import (
     VAE_FILE,
     from_pretrained,
 )
+from unibrain_cli.model.memory import MemoryOptions, check_memory_options
 from unibrain_cli.model.vae import AutoEncoder
 
 #: Stage exports usable for inference, most trained first.
@@ -115,11 +116,25 @@ def resolve_device(device: str) -> tuple[torch.device, torch.dtype]:
     raise UserError(f"unknown device '{device}'; use cpu, cuda or cuda:N", "--device")
 
 
-def load_for_inference(path: str | Path | None, device: str | torch.device = "cpu") -> InferenceBundle:
-    """Resolve ``--ckpt`` and load model, autoencoder, tokenizer and recipe onto ``device``."""
-    folder = resolve_checkpoint(path)
+def resolve_memory(device: str | torch.device, memory: MemoryOptions | None = None) -> tuple[torch.device, torch.dtype]:
+    """(device, compute dtype) of ``--device`` with ``--dtype`` / ``--quantize`` / ``--offload``
+    (``memory``); UserError naming the flag when this device cannot run those options."""
     dev, dtype = resolve_device(str(device))
-    pre = from_pretrained(folder, device=dev, dtype=dtype, load_autoencoder=True)
+    memory = memory or MemoryOptions()
+    check_memory_options(memory, dev)
+    return dev, memory.torch_dtype(dtype)
+
+
+def load_for_inference(path: str | Path | None, device: str | torch.device = "cpu",
+                       memory: MemoryOptions | None = None) -> InferenceBundle:
+    """Resolve ``--ckpt`` and load model, autoencoder, tokenizer and recipe onto ``device``.
+
+    ``memory``: ``--dtype`` (default: :func:`resolve_device`'s), ``--quantize`` and ``--offload``
+    (:mod:`unibrain_cli.model.memory`).
+    """
+    folder = resolve_checkpoint(path)
+    dev, dtype = resolve_memory(device, memory)
+    pre = from_pretrained(folder, device=dev, dtype=dtype, load_autoencoder=True, memory=memory)
     if pre.vae is None or not (folder / VAE_FILE).is_file():
         raise UserError(f"the model folder has no {VAE_FILE}; images cannot be encoded", str(folder))
     if pre.tokenizer_dir is None or not (pre.tokenizer_dir / TOKENIZER_FILE).is_file():

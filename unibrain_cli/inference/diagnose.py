@@ -39,6 +39,7 @@ from unibrain_cli.inference.inputs import (
     representative_slice,
 )
 from unibrain_cli.modalities import DISEASES
+from unibrain_cli.model.memory import MemoryOptions
 
 
 @dataclass
@@ -64,14 +65,15 @@ def engine_for(bundle: InferenceBundle) -> Engine:
 
 
 def load_case_and_model(
-    spec: InputSpec, ckpt: str | Path | None, device: str, bundle: InferenceBundle | None
+    spec: InputSpec, ckpt: str | Path | None, device: str, bundle: InferenceBundle | None,
+    memory: MemoryOptions | None = None,
 ) -> tuple[CaseVolumes, InferenceBundle]:
     """The preprocessed case and the model; bad input files fail before the (slow) model load,
     and modalities the model was not trained on are refused."""
     folder = resolve_checkpoint(ckpt) if bundle is None else None
     case = load_case(spec)
     if bundle is None:
-        bundle = load_for_inference(folder, device)
+        bundle = load_for_inference(folder, device, memory)
     known = bundle.recipe.data.modalities
     bad = [m for m in spec.files if m not in known]
     if bad:
@@ -88,9 +90,10 @@ def diagnose(
     bundle: InferenceBundle | None = None,
     thinking_tokens: int | None = None,
     steps: int | None = None,
+    memory: MemoryOptions | None = None,
 ) -> Diagnosis:
     """Score the five classes for the case in ``spec`` (see the module docstring)."""
-    case, bundle = load_case_and_model(spec, ckpt, device, bundle)
+    case, bundle = load_case_and_model(spec, ckpt, device, bundle, memory)
     known = bundle.recipe.data.modalities
     images, brain, k = representative_slice(case, bundle.image_size)
     engine = engine_for(bundle)

@@ -58,6 +58,7 @@ from unibrain_cli.inference.inputs import (
 from unibrain_cli.io.atomic import atomic_path, write_text
 from unibrain_cli.io.volume import Volume, save_volume
 from unibrain_cli.modalities import DISPLAY_NAMES, MODALITIES
+from unibrain_cli.model.memory import MemoryOptions
 
 FORMAT = "unibrain-impute/1"
 #: Default targets: the paper's imputation chain T1 -> T2 -> FLAIR -> T1ce.
@@ -269,6 +270,7 @@ def impute(
     steps: int | None = None,
     progress: bool = False,
     batch_size: int = DEFAULT_BATCH,
+    memory: MemoryOptions | None = None,
 ) -> ImputeResult:
     """Impute ``want`` for the case in ``spec`` and write the outputs into ``out`` (see the module docstring).
 
@@ -284,6 +286,7 @@ def impute(
         thinking_tokens, answer_tokens: bounds on generated text (default: ``data.max_text_tokens``).
         steps: Euler steps (default: the recipe's ``flow.sample_steps``).
         batch_size: (slice, seed) rows run together (:func:`run_slices`); 1 = one by one.
+        memory: ``--dtype`` / ``--quantize`` / ``--offload`` (:mod:`unibrain_cli.model.memory`).
     """
     import time
 
@@ -298,7 +301,7 @@ def impute(
     if bundle is None:
         ckpt_path: Path | None = resolve_checkpoint(ckpt)
         case = load_case(spec)  # bad input files fail before the (slow) model load
-        bundle = load_for_inference(ckpt_path, device)
+        bundle = load_for_inference(ckpt_path, device, memory)
     else:
         ckpt_path = Path(ckpt) if ckpt is not None else None
         case = load_case(spec)
@@ -366,6 +369,7 @@ def impute(
             "coverage": {"brain_voxels": brain_voxels, "filled_voxels": filled_voxels,
                          "fraction": round(filled_voxels / max(brain_voxels, 1), 4)},
             "batch_size": batch_size,
+            "memory": (memory or MemoryOptions()).to_dict(),
             "ensemble": ensemble,
             "seeds": seeds,
             "thinking": thinking,

@@ -26,6 +26,7 @@ from unibrain_cli.inference.diagnose import engine_for, load_case_and_model
 from unibrain_cli.inference.engine import ANSWER_PREFIX, Context, Engine
 from unibrain_cli.inference.inputs import InputSpec, representative_rule, representative_slice
 from unibrain_cli.modalities import DISPLAY_NAMES
+from unibrain_cli.model.memory import MemoryOptions
 
 ReportFormat = Literal["text", "markdown", "json"]
 FORMATS: tuple[str, ...] = ("text", "markdown", "json")
@@ -77,12 +78,13 @@ def report(
     device: str = "cpu",
     bundle: InferenceBundle | None = None,
     max_tokens: int | None = None,
+    memory: MemoryOptions | None = None,
 ) -> Report:
     """Findings per given modality and the impression (see the module docstring).
 
     Text is decoded greedily, so ``seed`` changes nothing; it is recorded with the report.
     """
-    case, bundle = load_case_and_model(spec, ckpt, device, bundle)
+    case, bundle = load_case_and_model(spec, ckpt, device, bundle, memory)
     images, _, k = representative_slice(case, bundle.image_size)
     engine = engine_for(bundle)
     ctx = engine.new_context()

@@ -13,8 +13,15 @@ by BAGEL's key names, which are ours), ``ae.safetensors`` (FLUX autoencoder), ``
 must be found and nothing may be left over (the two fixed position tables BAGEL stores,
 ``latent_pos_embed.pos_embed`` and ``vit_pos_embed.pos_embed``, are ignored and recomputed).
 
-Big models are built on the meta device (no memory, no init) and receive the loaded tensors
-directly (``load_state_dict(assign=True)``), so a 14B checkpoint is held in memory once.
+Big models are built on the meta device (no memory, no init) and receive the tensors directly
+(``load_state_dict(assign=True)``). Weights files are read through :class:`SafetensorsWeights`:
+the header first (every key and shape checked before any tensor is read), then the tensors
+memory-mapped one at a time (the tensors outside the decoder layers, then the decoder layers
+one by one), each from a mapping of its own byte range. A tensor already in the wanted dtype
+and device stays the mapped file pages (no copy at all); a converted one is copied and its
+mapping released before the next is read, so a 14B checkpoint is held in memory once. The
+options of :mod:`unibrain_cli.model.memory` (int8 / nf4 quantisation, layer streaming) act
+per layer during that same pass.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import struct
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -38,6 +47,16 @@ from unibrain_cli.config.loader import RecipeError, config_from_dict
 from unibrain_cli.errors import UserError
 from unibrain_cli.io.atomic import atomic_dir
 from unibrain_cli.model.bagel import UniBrainModel
+from unibrain_cli.model.memory import (
+    LAYER_PREFIX,
+    BufferPool,
+    MemoryOptions,
+    attach_streamer,
+    decoder_layers,
+    layer_index,
+    quantize_linears,
+    set_tensor,
+)
 from unibrain_cli.model.vae import AutoEncoder
 
 MODEL_FILE = "model.safetensors"
@@ -52,6 +71,7 @@ FORMAT_VERSION = 1
 #: Fixed 2D sin-cos tables that BAGEL checkpoints store; we recompute them instead of loading.
 RECOMPUTED_KEYS: frozenset[str] = frozenset({"latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed"})
 TIED_HEAD_KEY = "language_model.lm_head.weight"
+EMBED_KEY = "language_model.model.embed_tokens.weight"
 
 #: The FLUX autoencoder of BAGEL-7B-MoT (its folder carries no VAE config).
 FLUX_VAE = VAEConfig(
@@ -133,26 +153,253 @@ def _materialize_buffers(model: nn.Module, device: torch.device | str) -> None:
     typing.cast(UniBrainModel, model).reset_buffers()
 
 
+class WeightSource(Protocol):
+    """Named tensors that can be read a group at a time (:class:`SafetensorsWeights`, :class:`StateWeights`)."""
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]: ...
+
+    def load(self, names: Iterable[str], device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+             copy: bool = False) -> dict[str, Tensor]: ...
+
+
+class StateWeights:
+    """An in-memory state dict as a :class:`WeightSource`."""
+
+    def __init__(self, state: dict[str, Tensor]) -> None:
+        self.state = state
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.state.items()}
+
+    def load(self, names: Iterable[str], device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+             copy: bool = False) -> dict[str, Tensor]:
+        return {k: self.state[k].to(device=device, dtype=dtype or self.state[k].dtype, copy=copy) for k in names}
+
+
+#: safetensors dtype codes -> torch dtypes.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class SafetensorsWeights:
+    """A safetensors file read lazily: names and shapes from its header, each tensor memory-mapped on demand.
+
+    The header is read and checked here. Tensor data is mapped one tensor at a time, each
+    tensor's own byte range (copy-on-write, like safetensors' own mapping), never the whole file:
+    ``safetensors.safe_open`` maps the WHOLE file privately when it opens it, which the kernel's
+    default overcommit check refuses for a file larger than RAM + swap (a 29 GB BAGEL-7B
+    ``ema.safetensors`` on a 24 GiB machine: "Cannot allocate memory"). A tensor returned
+    unconverted is its mapping (file pages, no copy); a converted one is a copy and its mapping
+    is gone when the call returns.
+
+    ``rename`` maps a file key to our state-dict name (None: the key is not part of the model;
+    it is kept in :attr:`skipped` and readable with :meth:`load_raw`).
+    """
+
+    def __init__(self, path: Path, rename: typing.Callable[[str], str | None] | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"missing {self.path.name}", where=str(self.path.parent))
+        self.keys: dict[str, str] = {}
+        self.skipped: list[str] = []
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        try:
+            self._read_header()
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            raise CheckpointError(f"cannot read weights ({exc}); the file is corrupt or not safetensors",
+                                  where=str(self.path)) from exc
+        for key in self._entries:
+            ours = rename(key) if rename is not None else key
+            if ours is None:
+                self.skipped.append(key)
+            else:
+                self.keys[ours] = key
+
+    def _read_header(self) -> None:
+        """Parse and check the header: 8-byte little-endian length, then JSON ``{name: {dtype, shape,
+        data_offsets}}`` (+ ``__metadata__``); each tensor's bytes must match its shape and lie in the file.
+        (Read here, not with ``safe_open``, which maps the whole file even to read the header.)"""
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > min(size - 8, 100 * 2**20):
+                raise ValueError(f"header length {n} is impossible")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        self._data_start = 8 + n
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{key}: unknown dtype {info['dtype']!r}")
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
+            numel = 1
+            for d in shape:
+                numel *= d
+            if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != numel * dtype.itemsize:
+                raise ValueError(f"{key}: offsets {begin}..{end} do not hold a {info['dtype']} {list(shape)}")
+            if self._data_start + end > size:
+                raise ValueError(f"{key} lies past the end of the file (truncated?)")
+            self._entries[key] = (dtype, shape, begin, end)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {ours: self._entries[key][1] for ours, key in self.keys.items()}
+
+    def _map(self, key: str) -> Tensor:
+        """The tensor ``key`` (file key) as a copy-on-write mapping of its byte range."""
+        dtype, shape, begin, end = self._entries[key]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        raw = np.memmap(self.path, dtype=np.uint8, mode="c", offset=self._data_start + begin, shape=(end - begin,))
+        if raw.ctypes.data % dtype.itemsize:  # a misaligned tensor (not written by safetensors): copy it
+            raw = np.array(raw)
+        return torch.from_numpy(raw).view(dtype).reshape(shape)
+
+    def load(self, names: Iterable[str], device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+             copy: bool = False, pool: BufferPool | None = None) -> dict[str, Tensor]:
+        """Tensors ``names`` (our names) on ``device`` in ``dtype`` (default: as stored).
+
+        When one of them needs a conversion (dtype, device) or ``copy``, all are copies and no
+        mapping outlives the call. ``pool``: copies are written into free buffers of the pool when
+        it has one of the same shape, dtype and device (layer streaming: no fresh allocation per layer).
+        """
+        try:
+            views = {name: self._map(self.keys[name]) for name in names}
+            target = torch.device(device)
+            copy = copy or any(t.dtype != (dtype or t.dtype) or t.device != target for t in views.values())
+            out = {}
+            for name in list(views):
+                t = views.pop(name)
+                if pool is not None and copy:
+                    buf = pool.take(t.shape, dtype or t.dtype, target)
+                    out[name] = buf.copy_(t) if buf is not None else pool.adopt(
+                        t.to(device=device, dtype=dtype or t.dtype, copy=True))
+                else:
+                    out[name] = t.to(device=device, dtype=dtype or t.dtype, copy=copy)
+                del t  # a converted tensor's mapping goes now
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot read weights ({exc}); the file is corrupt or truncated",
+                                  where=str(self.path)) from exc
+        return out
+
+    def load_raw(self, keys: Iterable[str]) -> dict[str, Tensor]:
+        """Tensors by their file keys (e.g. :attr:`skipped` ones), as stored, on the CPU (mapped)."""
+        return {k: self._map(k) for k in keys}
+
+
 def load_into_meta_model(
     cfg: ModelConfig,
     state: dict[str, Tensor],
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     where: str | None = None,
+    memory: MemoryOptions | None = None,
 ) -> UniBrainModel:
     """Build on the meta device and assign ``state`` (checked: no missing/extra keys, equal shapes)."""
+    return load_model_weights(cfg, StateWeights(dict(state)), device, dtype, where, memory)
+
+
+def load_model_weights(
+    cfg: ModelConfig,
+    weights: WeightSource,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    where: str | None = None,
+    memory: MemoryOptions | None = None,
+) -> UniBrainModel:
+    """Build ``cfg`` on the meta device and fill it from ``weights`` without a second copy.
+
+    Keys and shapes are checked first (no tensor read). Then the tensors outside the decoder
+    layers are read one by one, then the decoder layers one by one (with ``memory.quantize``
+    tensor by tensor, each linear quantised as soon as its weight is read); with
+    ``memory.offload`` the layers are not read at all but streamed at run time
+    (:class:`~unibrain_cli.model.memory.LayerStreamer`): ``disk`` from ``weights`` itself, ``cpu``
+    from copies held in CPU memory.
+
+    Args:
+        cfg: the model config.
+        weights: the tensors by our state-dict names (a tied head may be absent).
+        device, dtype: where and in which dtype the weights go (default: as stored).
+        where: file named in errors.
+        memory: quantisation / offload (default: none).
+    """
+    memory = memory or MemoryOptions()
+    if memory.quantize != "none" and memory.offload != "none":
+        raise ValueError("quantisation and layer offload cannot be combined")
     model = build_model(cfg, device="meta")
     expected = model.state_dict()
-    state = dict(state)
-    if cfg.llm.tie_word_embeddings and TIED_HEAD_KEY not in state and "language_model.model.embed_tokens.weight" in state:
-        state[TIED_HEAD_KEY] = state["language_model.model.embed_tokens.weight"]
-    check_state_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, where=where)
-    state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    if cfg.llm.tie_word_embeddings:
+    found = weights.shapes
+    tied = cfg.llm.tie_word_embeddings
+    if tied and TIED_HEAD_KEY not in found and EMBED_KEY in found:
+        found[TIED_HEAD_KEY] = found[EMBED_KEY]
+    check_state_keys(expected, found, where=where)
+    per_layer: dict[int, list[str]] = {}
+    rest: list[str] = []
+    for name in expected:
+        i = layer_index(name)
+        if i is not None:
+            per_layer.setdefault(i, []).append(name)
+        elif not (tied and name == TIED_HEAD_KEY):
+            rest.append(name)
+    # one read (one mapping) per tensor: a converted tensor's file pages are released before the next is read
+    state: dict[str, Tensor] = {}
+    for name in rest:
+        state.update(weights.load([name], device, dtype))
+    _assign(model, state, where)
+    del state
+    if tied:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    layers = decoder_layers(model)
+    compute_dtype = dtype or model.vae2llm.weight.dtype
+
+    def layer_state(i: int, on: torch.device | str) -> dict[str, Tensor]:
+        prefix = f"{LAYER_PREFIX}{i}."
+        return {k[len(prefix):]: v for k, v in weights.load(per_layer[i], on, dtype).items()}
+
+    if memory.offload == "disk":
+        pool = BufferPool()  # converted layers reuse the buffers of the layer that ran before them
+        prefixes = {i: f"{LAYER_PREFIX}{i}." for i in per_layer}
+        attach_streamer(model, lambda i: {k[len(prefixes[i]):]: v for k, v in
+                                          weights.load(per_layer[i], device, dtype, pool=pool).items()},
+                        release=pool.give)
+    elif memory.offload == "cpu":
+        held = [layer_state(i, "cpu") for i in range(len(layers))]
+        attach_streamer(model, lambda i: {k: v.to(device, non_blocking=True) for k, v in held[i].items()})
+    elif memory.quantize != "none":
+        for i, layer in enumerate(layers):
+            prefix = f"{LAYER_PREFIX}{i}."
+            # tensor by tensor (biases before weights), each linear quantised as soon as its weight is in:
+            # only one unquantised weight exists at a time
+            for name in sorted(per_layer[i], key=lambda n: (n.rpartition(".")[0], n.endswith(".weight"))):
+                rel = name[len(prefix):]
+                set_tensor(layer, rel, weights.load([name], device, dtype, copy=True)[name])
+                owner_name = rel.rpartition(".")[0]
+                owner = layer.get_submodule(owner_name)
+                if isinstance(owner, nn.Linear) and rel.endswith(".weight"):
+                    quantized = quantize_linears(owner, memory.quantize, compute_dtype, device)
+                    if quantized is not owner:  # nf4: a new module takes the linear's place
+                        parent, _, attr = owner_name.rpartition(".")
+                        setattr(layer.get_submodule(parent), attr, quantized)
+    else:
+        for i, layer in enumerate(layers):
+            layer.load_state_dict(layer_state(i, device), strict=True, assign=True)
     _materialize_buffers(model, device)
     return model.eval()
+
+
+def _assign(module: nn.Module, state: dict[str, Tensor], where: str | None) -> None:
+    """``load_state_dict(assign=True)`` of a part of the state (keys were checked beforehand)."""
+    result = module.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"unexpected key(s): {_listing(result.unexpected_keys)}", where=where)
 
 
 def _listing(names: Iterable[str], limit: int = 20) -> str:
@@ -269,13 +516,18 @@ def from_pretrained(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     load_autoencoder: bool = True,
+    memory: MemoryOptions | None = None,
 ) -> Pretrained:
-    """Load a folder written by :func:`save_pretrained` (or a BAGEL-7B-MoT folder, detected by its files)."""
+    """Load a folder written by :func:`save_pretrained` (or a BAGEL-7B-MoT folder, detected by its files).
+
+    ``memory``: quantisation / layer offload of the decoder (:mod:`unibrain_cli.model.memory`).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError("not a folder; pass a model folder", where=str(directory))
     if (directory / BAGEL_WEIGHTS).is_file() and not (directory / MODEL_FILE).is_file():
-        return load_bagel_folder(directory, device=device, dtype=dtype, load_autoencoder=load_autoencoder)
+        return load_bagel_folder(directory, device=device, dtype=dtype, load_autoencoder=load_autoencoder,
+                                 memory=memory)
     meta = _read_json(directory / CONFIG_FILE)
     if meta.get("format") != "unibrain" or "model" not in meta:
         raise CheckpointError("config.json is not a UniBrain model config", where=str(directory / CONFIG_FILE))
@@ -285,8 +537,8 @@ def from_pretrained(
         raise CheckpointError(f"bad model config: {exc.message}", where=str(directory / CONFIG_FILE)) from exc
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"bad model config: {exc}", where=str(directory / CONFIG_FILE)) from exc
-    state = read_safetensors(directory / MODEL_FILE)
-    model = load_into_meta_model(cfg, state, device, dtype, where=str(directory / MODEL_FILE))
+    weights = SafetensorsWeights(directory / MODEL_FILE)
+    model = load_model_weights(cfg, weights, device, dtype, where=str(directory / MODEL_FILE), memory=memory)
     vae = None
     if load_autoencoder and (directory / VAE_FILE).is_file():
         vae = load_vae(directory / VAE_FILE, cfg.vae, device, dtype)
@@ -402,6 +654,7 @@ def load_bagel_folder(
     dtype: torch.dtype | None = None,
     load_autoencoder: bool = True,
     vae_config: VAEConfig = FLUX_VAE,
+    memory: MemoryOptions | None = None,
 ) -> Pretrained:
     """Load a BAGEL-7B-MoT folder into a :class:`UniBrainModel` (+ its FLUX autoencoder).
 
@@ -415,19 +668,14 @@ def load_bagel_folder(
         dtype: cast weights to this dtype (default: as stored, bf16 for BAGEL).
         load_autoencoder: also load ``ae.safetensors`` with ``vae_config``.
         vae_config: autoencoder config (BAGEL's FLUX AE by default).
+        memory: quantisation / layer offload of the decoder (:mod:`unibrain_cli.model.memory`).
     """
     directory = Path(directory)
     llm_json = _read_json(directory / BAGEL_LLM_CONFIG)
     vit_json = _read_json(directory / BAGEL_VIT_CONFIG)
     cfg = bagel_model_config(llm_json, vit_json, vae_config, tokenizer_path=str(directory))
-    raw = read_safetensors(directory / BAGEL_WEIGHTS)
-    state: dict[str, Tensor] = {}
-    for key, tensor in raw.items():
-        ours = map_bagel_key(key)
-        if ours is not None:
-            state[ours] = tensor
-    del raw
-    model = load_into_meta_model(cfg, state, device, dtype, where=str(directory / BAGEL_WEIGHTS))
+    weights = SafetensorsWeights(directory / BAGEL_WEIGHTS, rename=map_bagel_key)
+    model = load_model_weights(cfg, weights, device, dtype, where=str(directory / BAGEL_WEIGHTS), memory=memory)
     vae = None
     if load_autoencoder:
         vae = load_vae(directory / VAE_FILE, vae_config, device, dtype)

@@ -24,6 +24,7 @@ import torch
 
 from unibrain_cli.inference.impute import CHAIN
 from unibrain_cli.inference.inputs import CaseVolumes, InputSpec
+from unibrain_cli.model.memory import MemoryOptions
 from unibrain_cli.released.engine import ReleasedEngine, run_diagnosis, run_unified
 from unibrain_cli.released.folder import ReleasedBundle, resolve_released
 from unibrain_cli.released.images import released_slices, slice_rgb
@@ -51,12 +52,13 @@ class ReleasedDiagnosis:
 
 
 def load_case_and_bundle(spec: InputSpec, ckpt: str | Path | None, base: str | Path | None, device: str,
-                         bundle: ReleasedBundle | None) -> tuple[CaseVolumes, list[str], dict, ReleasedBundle]:
+                         bundle: ReleasedBundle | None, memory: MemoryOptions | None = None,
+                         ) -> tuple[CaseVolumes, list[str], dict, ReleasedBundle]:
     """(case, inputs in sequence order, uint8 volumes, bundle): the folder is checked first, then
     the inputs are read (before the slow model load)."""
     files = resolve_released(ckpt, base) if bundle is None else bundle.files
     case, order, u8 = load_uint8_case(spec)
-    return case, order, u8, bundle if bundle is not None else load_bundle(files, device)
+    return case, order, u8, bundle if bundle is not None else load_bundle(files, device, memory)
 
 
 def diagnose_released(
@@ -70,9 +72,10 @@ def diagnose_released(
     bundle: ReleasedBundle | None = None,
     think_max_length: int = THINK_MAX_LENGTH,
     answer_max_length: int = DIAGNOSIS_MAX_LENGTH,
+    memory: MemoryOptions | None = None,
 ) -> ReleasedDiagnosis:
     """Diagnose the case in ``spec`` with the released protocol (see the module docstring)."""
-    case, order, u8, bundle = load_case_and_bundle(spec, ckpt, base, device, bundle)
+    case, order, u8, bundle = load_case_and_bundle(spec, ckpt, base, device, bundle, memory)
     k = released_slices(case, "lesion")[0]
     rgbs = [slice_rgb(u8[m], k)[0] for m in order]
     engine = ReleasedEngine(bundle.model, bundle.vae, bundle.tokenizer)

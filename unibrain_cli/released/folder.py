@@ -47,12 +47,13 @@ from unibrain_cli.model.checkpoint import (
     TOKENIZER_FILE,
     VAE_FILE,
     CheckpointError,
+    SafetensorsWeights,
     bagel_model_config,
-    load_into_meta_model,
+    load_model_weights,
     load_vae,
     map_bagel_key,
-    read_safetensors,
 )
+from unibrain_cli.model.memory import MemoryOptions
 from unibrain_cli.model.vae import AutoEncoder
 from unibrain_cli.released.protocol import SPECIAL_TOKENS, STEP_FOLDER
 
@@ -347,36 +348,38 @@ def released_model_config(llm_json: dict[str, Any], vit_json: dict[str, Any], va
     return bagel_model_config(llm_json, vit_json, vae_config, tokenizer_path=tokenizer_path)
 
 
+def _released_key(key: str) -> str | None:
+    """Our name of a released-file key (``module.`` stripped); None for the two stored position tables."""
+    name = key.removeprefix("module.")
+    return None if name in RECOMPUTED_KEYS else map_bagel_key(name)
+
+
 def load_released_model(files: ReleasedFiles, vae_config: VAEConfig, device: torch.device | str = "cpu",
-                        dtype: torch.dtype | None = None) -> UniBrainModel:
+                        dtype: torch.dtype | None = None, memory: MemoryOptions | None = None) -> UniBrainModel:
     """Build the model from the two json configs and assign the weights (checked: every key, every
-    shape; the stored position tables are loaded too)."""
+    shape; the stored position tables are loaded too). The weights are memory-mapped and read a
+    group at a time into the meta-built model (:func:`~unibrain_cli.model.checkpoint.load_model_weights`);
+    ``memory`` quantises or streams the decoder layers."""
     try:
         cfg = released_model_config(_read_json(files.llm_config), _read_json(files.vit_config), vae_config,
                                     str(files.tokenizer_dir))
-        raw = read_safetensors(files.weights)
-        tables, state = {}, {}
-        for key, tensor in raw.items():
-            name = key.removeprefix("module.")
-            if name in RECOMPUTED_KEYS:
-                tables[name] = tensor
-            elif (ours := map_bagel_key(name)) is not None:
-                state[ours] = tensor
-        del raw
-        model = load_into_meta_model(cfg, state, device, dtype, where=str(files.weights))
+        weights = SafetensorsWeights(files.weights, rename=_released_key)
+        model = load_model_weights(cfg, weights, device, dtype, where=str(files.weights), memory=memory)
     except ValueError as exc:  # an invalid ModelConfig (CheckpointError is a UserError, not a ValueError)
         raise CheckpointError(f"the configs describe no valid model: {exc}", str(files.llm_config)) from exc
+    tables = {k.removeprefix("module."): t for k, t in weights.load_raw(weights.skipped).items()}
     _load_position_tables(model, tables, str(files.weights))
     return model.eval()
 
 
 def load_released(files: ReleasedFiles, device: torch.device | str = "cpu",
-                  dtype: torch.dtype | None = None) -> ReleasedBundle:
-    """Load tokenizer, autoencoder and model (tokenizer first: it is the cheapest to get wrong)."""
+                  dtype: torch.dtype | None = None, memory: MemoryOptions | None = None) -> ReleasedBundle:
+    """Load tokenizer, autoencoder and model (tokenizer first: it is the cheapest to get wrong);
+    ``memory`` quantises or streams the decoder layers (:mod:`unibrain_cli.model.memory`)."""
     tokenizer = load_qwen2_tokenizer(files.tokenizer_dir)
     vae_cfg = flux_vae_config(safetensors_shapes(files.autoencoder), str(files.autoencoder))
     vae = load_vae(files.autoencoder, vae_cfg, device, dtype)
-    model = load_released_model(files, vae_cfg, device, dtype)
+    model = load_released_model(files, vae_cfg, device, dtype, memory)
     worst = max(tokenizer.special_ids)
     if worst >= model.config.llm.vocab_size:
         raise CheckpointError(f"the tokenizer's special id {worst} is outside the model's vocabulary "

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from unibrain_cli.errors import UserError
-from unibrain_cli.inference.checkpoint import resolve_device
+from unibrain_cli.inference.checkpoint import resolve_memory
 from unibrain_cli.inference.engine import Answer
 from unibrain_cli.inference.impute import (
     FORMAT,
@@ -57,6 +57,7 @@ from unibrain_cli.inference.inputs import (
 from unibrain_cli.io.atomic import write_text
 from unibrain_cli.io.volume import Volume, save_volume
 from unibrain_cli.modalities import DISPLAY_NAMES
+from unibrain_cli.model.memory import MemoryOptions
 from unibrain_cli.released.engine import ReleasedEngine, run_generation, run_unified
 from unibrain_cli.released.folder import ReleasedBundle, ReleasedFiles, load_released, resolve_released
 from unibrain_cli.released.images import (
@@ -97,10 +98,11 @@ def load_uint8_case(spec: InputSpec) -> tuple[CaseVolumes, list[str], dict[str, 
     return case, order, {m: rescale_to_uint8(raw[m], case.sources[m]) for m in order}
 
 
-def load_bundle(files: ReleasedFiles, device: str) -> ReleasedBundle:
-    """Load the released model onto ``--device`` (float32 on CPU, bf16 on CUDA)."""
-    dev, dtype = resolve_device(device)
-    return load_released(files, dev, dtype)
+def load_bundle(files: ReleasedFiles, device: str, memory: MemoryOptions | None = None) -> ReleasedBundle:
+    """Load the released model onto ``--device`` (float32 on CPU, bf16 on CUDA, unless ``--dtype``),
+    with ``--quantize`` / ``--offload`` (``memory``)."""
+    dev, dtype = resolve_memory(device, memory)
+    return load_released(files, dev, dtype, memory)
 
 
 def slices_to_fill(case: CaseVolumes, mode: str | int) -> list[int]:
@@ -183,6 +185,7 @@ def impute_released(
     think_max_length: int = THINK_MAX_LENGTH,
     bundle: ReleasedBundle | None = None,
     progress: bool = False,
+    memory: MemoryOptions | None = None,
 ) -> ImputeResult:
     """Impute ``want`` with the released checkpoint and write the outputs into ``out`` (module docstring).
 
@@ -204,7 +207,7 @@ def impute_released(
     files = resolve_released(ckpt, base) if bundle is None else bundle.files
     case, order, u8 = load_uint8_case(spec)  # bad inputs fail before the (slow) model load
     if bundle is None:
-        bundle = load_bundle(files, device)
+        bundle = load_bundle(files, device, memory)
     t_load = time.perf_counter()
     ks = slices_to_fill(case, mode)
     brain_voxels, filled_voxels = coverage(case, ks)
@@ -233,6 +236,7 @@ def impute_released(
         "coverage": {"brain_voxels": brain_voxels, "filled_voxels": filled_voxels,
                      "fraction": round(filled_voxels / max(brain_voxels, 1), 4)},
         "ensemble": ensemble,
+        "memory": (memory or MemoryOptions()).to_dict(),
         "seeds": seeds,
         "thinking": thinking,
         "impression": answer.impression if answer else None,

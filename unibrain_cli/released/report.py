@@ -20,6 +20,7 @@ import torch
 from unibrain_cli.errors import UserError
 from unibrain_cli.inference.inputs import InputSpec
 from unibrain_cli.modalities import DISPLAY_NAMES
+from unibrain_cli.model.memory import MemoryOptions
 from unibrain_cli.released.diagnose import load_case_and_bundle
 from unibrain_cli.released.engine import ReleasedEngine, run_diagnosis
 from unibrain_cli.released.folder import ReleasedBundle
@@ -53,12 +54,13 @@ def report_released(
     device: str = "cpu",
     bundle: ReleasedBundle | None = None,
     max_length: int = DIAGNOSIS_MAX_LENGTH,
+    memory: MemoryOptions | None = None,
 ) -> ReleasedReport:
     """The released model's impression of the case (see the module docstring).
 
     ``seed`` draws the VAE posterior samples of the context images (the text itself is greedy).
     """
-    case, order, u8, bundle = load_case_and_bundle(spec, ckpt, base, device, bundle)
+    case, order, u8, bundle = load_case_and_bundle(spec, ckpt, base, device, bundle, memory)
     k = released_slices(case, "lesion")[0]
     engine = ReleasedEngine(bundle.model, bundle.vae, bundle.tokenizer)
     answer, _ = run_diagnosis(engine, [slice_rgb(u8[m], k)[0] for m in order],
