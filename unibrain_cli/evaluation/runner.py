@@ -71,6 +71,12 @@ variant::
 Each is evaluated on the T1-only scenario (A with the understanding-only protocol, the others with
 the unified one) and on the T1,T2,FLAIR -> T1ce chain (not A); Tables 1 and 2 use ``full/``.
 
+Protocol (``protocol``): ``native`` is everything above; ``released`` (the authors' released
+checkpoint, ``--ckpt`` a released / BAGEL folder or a step folder with ``--base``) runs their tasks
+instead (:mod:`unibrain_cli.released.evaluate`: Table 1 from their understanding-only question and,
+with ``chain``, their unified chain; Table 2 from their generation task; paper convention by
+default); ``auto`` picks ``released`` for a folder in their layout. ``ablation`` is native only.
+
 Outputs (EVAL, written to a temporary folder renamed into place at the end)::
 
     table1_cases.csv, table2_cases.csv   one row per method x scenario/chain x case
@@ -382,6 +388,10 @@ def convention_summary(convention: str, data: str | Path, split: str, cases: Seq
 
 def convention_line(conv: dict[str, Any]) -> str:
     """One line naming the scoring convention of a run (under the tables and in their notes)."""
+    if conv.get("protocol") == "released":
+        from unibrain_cli.released.evaluate import released_convention_line
+
+        return released_convention_line(conv)
     if conv["name"] != "paper":
         return ("Convention: ours (eval slice; brain-cropped stored slice; float [0, 1]; PSNR/SSIM full slice and "
                 "inside the reference brain; --convention paper for the authors' rules).")
@@ -392,6 +402,25 @@ def convention_line(conv: dict[str, Any]) -> str:
             f"({moved}exact only when every lesion slice is stored); whole stored slice with background (brain-"
             "cropped by the slicer, not the scanner field of view); uint8/255, data_range 1, no brain-masked "
             "scores; only the last target of each chain; ensemble = mean of uint8 draws.")
+
+
+def choose_evaluation_protocol(protocol: str | None, ckpt: str | Path | None, base: str | Path | None,
+                               ablation: bool) -> str:
+    """``native`` or ``released`` for ``unibrain evaluate``: an ablation folder is always native
+    (``--protocol released`` or ``--base`` with ``--ablation`` is a UserError); otherwise
+    :func:`~unibrain_cli.released.folder.choose_protocol`."""
+    from unibrain_cli.released.folder import choose_protocol
+
+    if ablation:
+        value = (protocol or "auto").strip().lower()
+        if value == "released":
+            raise UserError("--ablation evaluates our A/B/C/full training runs (native protocol); the released "
+                            "protocol has no ablation variants: drop --ablation or use --protocol native",
+                            "--protocol")
+        if base is not None:
+            raise UserError("--base only applies to --protocol released, not to --ablation", "--base")
+        return choose_protocol(value, None, None)  # checks the value; auto -> native
+    return choose_protocol(protocol or "auto", ckpt, base)
 
 
 def check_sizes(bundle: InferenceBundle, size: int, ckpt: Path, data: str | Path) -> None:
@@ -922,13 +951,39 @@ def evaluate(
     device: str = "cpu",
     progress: bool = False,
     force: bool = False,
-    thinking_tokens: int = DEFAULT_THINKING_TOKENS,
-    answer_tokens: int = DEFAULT_ANSWER_TOKENS,
+    thinking_tokens: int | None = None,
+    answer_tokens: int | None = None,
     cfg_img_scale: float | None = None,
-    convention: str = "ours",
+    convention: str | None = None,
+    protocol: str = "native",
+    base: str | Path | None = None,
 ) -> EvalResult:
     """Evaluate a checkpoint on a SLICES folder like the paper's Tables 1-3 (module docstring);
-    ``convention`` ``"ours"`` or ``"paper"`` (the authors' metric rules, :data:`CONVENTION_RULES`)."""
+    ``convention`` ``"ours"`` or ``"paper"`` (the authors' metric rules, :data:`CONVENTION_RULES`;
+    None: ``ours``, ``paper`` with the released protocol).
+
+    ``protocol`` ``native`` | ``released`` | ``auto`` (:func:`~unibrain_cli.released.folder.choose_protocol`;
+    ``base`` = ``--base``): ``released`` runs :func:`~unibrain_cli.released.evaluate.evaluate_released`
+    (token bounds None = the authors' 800 / 512). ``ablation`` is native only. Token bounds None =
+    :data:`DEFAULT_THINKING_TOKENS` / :data:`DEFAULT_ANSWER_TOKENS` for ``native``.
+    """
+    if choose_evaluation_protocol(protocol, ckpt, base, ablation) == "released":
+        if cfg_img_scale is not None:
+            raise UserError("the released protocol's guidance is fixed (text 3, image 1.2); drop --cfg-img-scale "
+                            "or use --protocol native", "--cfg-img-scale")
+        from unibrain_cli.released.evaluate import evaluate_released
+        from unibrain_cli.released.protocol import DIAGNOSIS_MAX_LENGTH, THINK_MAX_LENGTH
+
+        return evaluate_released(
+            ckpt, base, data, out, split=split, scenarios=scenarios, chain=chain, ensemble=ensemble,
+            ratescore_models=ratescore_models, baselines=baselines, unet_steps=unet_steps, max_cases=max_cases,
+            seed=seed, steps=steps, device=device, progress=progress, force=force,
+            think_max_length=THINK_MAX_LENGTH if thinking_tokens is None else thinking_tokens,
+            answer_max_length=DIAGNOSIS_MAX_LENGTH if answer_tokens is None else answer_tokens,
+            convention="paper" if convention is None else convention)
+    thinking_tokens = DEFAULT_THINKING_TOKENS if thinking_tokens is None else thinking_tokens
+    answer_tokens = DEFAULT_ANSWER_TOKENS if answer_tokens is None else answer_tokens
+    convention = "ours" if convention is None else convention
     t_start = time.perf_counter()
     scen = parse_scenarios(scenarios)
     names = parse_baselines(baselines)
@@ -1021,6 +1076,7 @@ def evaluate(
     per_case = float(np.mean(main.seconds)) if main.seconds else math.nan
     summary: dict[str, Any] = {
         "format": EVAL_FORMAT,
+        "protocol": "native",
         "checkpoint": str(variants["full"]),
         "ablation_checkpoints": {k: str(v) for k, v in variants.items()} if ablation else None,
         "data": str(data), "split": split, "image_size": size,

@@ -15,5 +15,6 @@ VAE posterior sampling, guidance contexts, sampler settings), so they live in th
 - :mod:`~unibrain_cli.released.engine` — contexts over the KV cache, the three tasks
   (imputation only, unified chain, understanding only) with their guidance contexts;
 - :mod:`~unibrain_cli.released.impute`, :mod:`~unibrain_cli.released.diagnose`,
-  :mod:`~unibrain_cli.released.report` — the ``impute`` / ``diagnose`` / ``report`` commands.
+  :mod:`~unibrain_cli.released.report` — the ``impute`` / ``diagnose`` / ``report`` commands;
+- :mod:`~unibrain_cli.released.evaluate` — ``evaluate --protocol released`` (Tables 1-2 on a slices folder).
 """
