@@ -146,3 +146,34 @@ def test_cached_query_sees_the_cached_images_and_equals_the_packed_forward():
     t.add_text([5, 6, 7])
     m.prefill(bare, t.build())
     assert bare.images == ()
+
+
+def test_window_stacks_each_positions_neighbourhood_zero_beyond_the_grid():
+    """aligned_window = 3 on a 3x2 grid: slot features = the 3x3 neighbours of (row, col) in
+    row-major offset order, zeros outside the grid, then the presence bit (checked by hand)."""
+    m = _model(replace(ON, aligned_window=3))
+    assert m.aligned_context is not None and m.aligned_context.slot_width == 9 * D + 1
+    stack = m.aligned_context.stack(_pack(m, LATS))
+    w = 9 * D + 1
+    ctx = LATS["a_t1"].reshape(3, 2, D)
+    for r in range(3):
+        for c in range(2):
+            row = stack[r * 2 + c, T1 * w: (T1 + 1) * w]
+            for k, (dy, dx) in enumerate((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)):
+                rr, cc = r + dy, c + dx
+                want = ctx[rr, cc] if 0 <= rr < 3 and 0 <= cc < 2 else torch.zeros(D)
+                assert torch.equal(row[k * D:(k + 1) * D], want), (r, c, dy, dx)
+            assert row[-1] == 1
+    # window 1 keeps the same-position layout of the trained `on` models
+    one = _model(ON).aligned_context.stack(_pack(_model(ON), LATS))
+    centre = stack.view(12, len(MODALITIES), w)[:, :, 4 * D:5 * D]
+    torch.testing.assert_close(one.view(12, len(MODALITIES), D + 1)[:, :, :D], centre)
+
+
+def test_window_must_be_odd():
+    import pytest
+
+    from unibrain_cli.config.validate import validate_model_config
+
+    with pytest.raises(ValueError, match="aligned_window"):
+        validate_model_config(replace(ON, aligned_window=2))

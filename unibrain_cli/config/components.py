@@ -109,6 +109,8 @@ class ModelConfig:
     # per-modality slots with presence bits (model/aligned.py). A small-scale substitute for
     # BAGEL's pretraining, like image_rope = "2d".
     aligned_context: Literal["off", "on"] = "off"
+    # odd side of the context neighbourhood the aligned path stacks per slot (1 = same position)
+    aligned_window: int = 1
     attention_backend: AttentionBackend = "auto"
     tokenizer: Literal["bpe", "qwen2"] = "bpe"
     tokenizer_path: str = ""  # qwen2: local folder with tokenizer files

@@ -26,7 +26,7 @@ from unibrain_cli.data import templates
 from unibrain_cli.flow.sampler import cfg_active, sample
 from unibrain_cli.inference.blocks import EncodedImage, ImageView, add_image, modality_slot
 from unibrain_cli.inference.engine import INPUT_VIEWS, Context, Engine, chain_seed_generator
-from unibrain_cli.model.batch_cache import BatchKVCache
+from unibrain_cli.model.batch_cache import BatchKVCache, BatchStep
 from unibrain_cli.model.packing import PackedSequence
 
 
@@ -131,14 +131,21 @@ def sample_batch(engine: Engine, ctx: BatchContexts, noise: Tensor, steps: int |
     f, model = engine.flow, engine.model
     rows = list(range(noise.shape[0]))
     grid, slot = engine.latent_grid, modality_slot(target)
+    b = engine.builder()
+    for lat in noise:  # the noisy block's layout, built once: each step swaps its latents and time
+        b.add_vae_image(grid, noisy=True, timestep=1.0, latents=lat, modality=slot)
+        b.next_sample()
+    layout = b.build(model.device)
+    plans: dict[int, BatchStep] = {}  # per context: its cache does not change while sampling
 
     def velocity(cache: BatchKVCache, x: Tensor, t: float) -> Tensor:
-        b = engine.builder()
-        for lat in x:
-            b.add_vae_image(grid, noisy=True, timestep=float(t), latents=lat, modality=slot)
-            b.next_sample()
-        out = model.forward_batch(b.build(model.device), cache, rows, update=False, logits_at="none",
-                                  velocity_at="noisy")
+        block = layout.with_vae_latents(x.reshape(-1, x.shape[-1]).to(layout.vae_latents)) \
+            .with_vae_timesteps(torch.full_like(layout.vae_timesteps, float(t)))
+        if id(cache) not in plans:
+            plans[id(cache)] = BatchStep.plan(cache, rows, block)
+        step = plans[id(cache)]
+        out = model.forward_batch(block, cache, rows, update=False, logits_at="none", velocity_at="noisy",
+                                  step=step)
         assert out.velocity is not None
         return out.velocity.float().view(x.shape)
 

@@ -8,7 +8,8 @@ image-to-image models (U-Net, InstructPix2Pix, FLUX Fill) instead give every out
 the aligned input values at the first layer. This module adds exactly that, and nothing else:
 
 Each noisy target latent token additionally receives ``proj(stack)``, where ``stack``
-[num_slots * (D + 1)] holds, per modality *slot* (the index of the modality in
+[num_slots * (D + 1)] (``model.aligned_window`` w > 1: [num_slots * (w*w*D + 1)], the w x w
+neighbourhood of the position) holds, per modality *slot* (the index of the modality in
 ``unibrain_cli.modalities.MODALITIES``), the CLEAN latent token at the same (row, col) of the
 latest clean VAE image of that modality that PRECEDES the target in the same sample (D
 features), followed by a presence bit. The target's own slot, every image after it, images
@@ -44,14 +45,35 @@ class AlignedContext(nn.Module):
         num_slots: number of modality slots (``len(MODALITIES)``).
         latent_dim: width D of one latent token.
         hidden: LLM width.
+        window: odd side w of the neighbourhood stacked per slot (``model.aligned_window``): the
+            w x w context tokens around the target token's (row, col), zeros beyond the grid,
+            row-major offsets; 1 = the same position only (per slot ``w*w*D + 1`` features).
     """
 
-    def __init__(self, num_slots: int, latent_dim: int, hidden: int) -> None:
+    def __init__(self, num_slots: int, latent_dim: int, hidden: int, window: int = 1) -> None:
         super().__init__()
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"the aligned window must be a positive odd number, got {window}")
         self.num_slots = num_slots
         self.latent_dim = latent_dim
-        self.weight = nn.Parameter(torch.zeros(hidden, num_slots * (latent_dim + 1)))
+        self.window = window
+        self.weight = nn.Parameter(torch.zeros(hidden, num_slots * self.slot_width))
         self.bias = nn.Parameter(torch.zeros(hidden))
+
+    @property
+    def slot_width(self) -> int:
+        """Features per slot: the window's latent tokens, then the presence bit."""
+        return self.window * self.window * self.latent_dim + 1
+
+    def neighbourhood(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        """[rows*cols, D] row-major tokens -> [rows*cols, w*w*D]: each token's w x w neighbours."""
+        if self.window == 1:
+            return tokens
+        rows, cols = grid
+        r = self.window // 2
+        g = F.pad(tokens.reshape(rows, cols, -1).permute(2, 0, 1), (r, r, r, r))  # [D, rows+2r, cols+2r]
+        parts = [g[:, dy:dy + rows, dx:dx + cols] for dy in range(self.window) for dx in range(self.window)]
+        return torch.cat(parts, dim=0).reshape(-1, rows * cols).t()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -60,7 +82,7 @@ class AlignedContext(nn.Module):
 
     def stack(self, packed: PackedSequence, prior: Sequence[SlotImage] = (),
               priors: Sequence[Sequence[SlotImage]] | None = None) -> Tensor:
-        """The aligned stack of every noisy VAE token: [N_noisy, num_slots * (D + 1)], rows in
+        """The aligned stack of every noisy VAE token: [N_noisy, num_slots * slot_width], rows in
         ``packed.noisy_vae_rows`` order.
 
         Args:
@@ -72,10 +94,10 @@ class AlignedContext(nn.Module):
         """
         if priors is not None and len(priors) != packed.num_samples:
             raise ValueError(f"{len(priors)} priors for a pack of {packed.num_samples} samples")
-        d, s = self.latent_dim, self.num_slots
+        s, width = self.num_slots, self.slot_width
         lat = packed.vae_latents
         n_noisy = int(packed.vae_noisy.sum())
-        out = torch.zeros(n_noisy, s * (d + 1), device=packed.device,
+        out = torch.zeros(n_noisy, s * width, device=packed.device,
                           dtype=lat.dtype if lat is not None else torch.float32)
         if n_noisy == 0 or lat is None:
             return out
@@ -105,8 +127,8 @@ class AlignedContext(nn.Module):
                 if slot == span.modality or grid != span.grid_hw:
                     continue
                 block = out[row: row + span.num_tokens]
-                block[:, slot * (d + 1): slot * (d + 1) + d] = ctx.to(out.dtype)
-                block[:, slot * (d + 1) + d] = 1.0
+                block[:, slot * width: (slot + 1) * width - 1] = self.neighbourhood(ctx, grid).to(out.dtype)
+                block[:, (slot + 1) * width - 1] = 1.0
             row += span.num_tokens
         return out
 

@@ -102,7 +102,7 @@ class UniBrainModel(nn.Module):
         self.latent_pos_embed = PositionEmbedding(cfg.max_latent_size, hidden)
         self.aligned_context: AlignedContext | None = None
         if cfg.aligned_context == "on":
-            self.aligned_context = AlignedContext(len(MODALITIES), latent_dim(cfg), hidden)
+            self.aligned_context = AlignedContext(len(MODALITIES), latent_dim(cfg), hidden, cfg.aligned_window)
         self.language_model.model.activation_checkpointing = cfg.activation_checkpointing
         self.reset_parameters()
 
@@ -142,7 +142,8 @@ class UniBrainModel(nn.Module):
         unchanged until it is trained), ``"off"`` removes it."""
         if mode == "on" and self.aligned_context is None:
             p = self.vae2llm.weight
-            module = AlignedContext(len(MODALITIES), self.latent_dim, self.config.llm.hidden_size)
+            module = AlignedContext(len(MODALITIES), self.latent_dim, self.config.llm.hidden_size,
+                                    self.config.aligned_window)
             self.aligned_context = module.to(device=p.device, dtype=p.dtype)
         elif mode == "off":
             self.aligned_context = None
@@ -350,6 +351,7 @@ class UniBrainModel(nn.Module):
         update: bool,
         logits_at: LogitsAt = "last",
         velocity_at: VelocityAt = "none",
+        step: BatchStep | None = None,
     ) -> ModelOutput:
         """Run a multi-sample block, sample i after row ``rows[i]`` of a batched cache.
 
@@ -362,12 +364,14 @@ class UniBrainModel(nn.Module):
             rows: the cache row each sample continues (distinct).
             update: store the block's non-noise keys/values and advance the rows' positions.
             logits_at, velocity_at: as in :meth:`forward` (``"last"`` = last row of each sample).
+            step: the :meth:`BatchStep.plan` of this block's layout against this cache state, when
+                the caller reuses it (Euler steps: same layout and cache, new latents and time).
         """
         cfg = self.config.llm
         rows = [int(r) for r in rows]
         h = self.embed(block, priors=[cache.images[r] for r in rows])
         route = Routing(block.und_indexes, block.gen_indexes, block.length)
-        step = BatchStep.plan(cache, rows, block)
+        step = step if step is not None else BatchStep.plan(cache, rows, block)
         cache.reserve(step.l_max, cfg.num_kv_heads, cfg.head_dim, self.dtype, block.device)
         offsets = torch.tensor([cache.next_positions[r] for r in rows], device=block.device)
         positions = block.position_ids + offsets[block.sample_ids]
