@@ -92,7 +92,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,6 +402,24 @@ def convention_line(conv: dict[str, Any]) -> str:
             f"({moved}exact only when every lesion slice is stored); whole stored slice with background (brain-"
             "cropped by the slicer, not the scanner field of view); uint8/255, data_range 1, no brain-masked "
             "scores; only the last target of each chain; ensemble = mean of uint8 draws.")
+
+
+def write_figures(made: Mapping[str, Any], qualitative: Any, tmp: Path, out_dir: Path, qualitative_title: str,
+                  label: str = "") -> dict[str, Path]:
+    """The qualitative grid (when there are examples) and the Top-1 / PSNR bars, written into
+    ``tmp``; returns name -> final path under ``out_dir``. ``label`` is appended to the bar titles."""
+    figs: dict[str, Path] = {}
+    if qualitative:
+        figures.qualitative_grid(qualitative, tmp / "qualitative.png", title=qualitative_title)
+        figs["qualitative"] = out_dir / "qualitative.png"
+    figures.metric_bars(made["table1"].summary, "top1", tmp / "bars_top1.png", group="scenario",
+                        ylabel="Top-1 (%)", title=f"Diagnosis Top-1 by scenario{label}")
+    figs["bars_top1"] = out_dir / "bars_top1.png"
+    if "table2" in made:
+        figures.metric_bars(made["table2"].summary, "psnr", tmp / "bars_psnr.png", group="chain",
+                            ylabel="PSNR (dB)", title=f"Imputation PSNR by chain{label}")
+        figs["bars_psnr"] = out_dir / "bars_psnr.png"
+    return figs
 
 
 def choose_evaluation_protocol(protocol: str | None, ckpt: str | Path | None, base: str | Path | None,
@@ -1097,7 +1115,6 @@ def evaluate(
         "tables": {k: t.summary.to_dict("records") for k, t in made.items()},
     }
 
-    figs: dict[str, Path] = {}
     files: list[Path] = []
     with atomic_dir(out_dir, overwrite=True) as tmp:
         for name, frame in (("table1_cases.csv", frame1), ("table2_cases.csv", frame2)):
@@ -1106,17 +1123,8 @@ def evaluate(
             frame.to_csv(tmp / name, index=False)
             files.append(out_dir / name)
         files += [out_dir / p.name for p in tables.write_tables(list(made.values()), tmp)]
-        if main.qualitative:
-            figures.qualitative_grid(main.qualitative, tmp / "qualitative.png",
-                                     title=f"UniBrain imputation (seed {seed}): inputs | imputed | truth | error")
-            figs["qualitative"] = out_dir / "qualitative.png"
-        figures.metric_bars(made["table1"].summary, "top1", tmp / "bars_top1.png", group="scenario",
-                            ylabel="Top-1 (%)", title="Diagnosis Top-1 by scenario")
-        figs["bars_top1"] = out_dir / "bars_top1.png"
-        if "table2" in made:
-            figures.metric_bars(made["table2"].summary, "psnr", tmp / "bars_psnr.png", group="chain",
-                                ylabel="PSNR (dB)", title="Imputation PSNR by chain")
-            figs["bars_psnr"] = out_dir / "bars_psnr.png"
+        figs = write_figures(made, main.qualitative, tmp, out_dir,
+                             f"UniBrain imputation (seed {seed}): inputs | imputed | truth | error")
         from unibrain_cli.config.loader import save_resolved
 
         save_resolved(recipe, tmp)

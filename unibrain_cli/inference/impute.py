@@ -138,6 +138,24 @@ def sequence_order(mods: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def case_record(case: CaseVolumes, order: Sequence[str], targets: Sequence[str], mode: str | int,
+                ks: Sequence[int], brain_voxels: int, filled_voxels: int) -> dict[str, object]:
+    """The impute.json fields about the case: inputs, output grid, sequence, slices, coverage
+    (shared by the native and the released protocol)."""
+    return {
+        "inputs": case.sources,
+        "output_grid": {"file": next(iter(case.sources.values())), "shape": list(case.out_shape),
+                        "affine": np.round(case.out_affine, 6).tolist()},
+        "sequence_inputs": list(order),
+        "targets": list(targets),
+        "slices_mode": str(mode),
+        "slices": list(ks),
+        "representative_slice": ks[0],
+        "coverage": {"brain_voxels": brain_voxels, "filled_voxels": filled_voxels,
+                     "fraction": round(filled_voxels / max(brain_voxels, 1), 4)},
+    }
+
+
 def montage(inputs: dict[str, np.ndarray], generated: dict[str, np.ndarray], rows: int = MONTAGE_ROWS) -> np.ndarray:
     """Grey image [rows*S, cols*S] in [0, 1]: one row per slice, columns = inputs then imputed."""
     cols = [*inputs.values(), *generated.values()]
@@ -341,7 +359,6 @@ def impute(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
     try:
         files: dict[str, str] = {}
-        first_src = next(iter(case.sources.values()))
         for m in targets:
             mean, std = volumes_from_slices(gen[m], ks, case, geo)
             name = f"{m}_imputed.nii.gz"
@@ -358,16 +375,7 @@ def impute(
         record = {
             "format": FORMAT,
             "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
-            "inputs": case.sources,
-            "output_grid": {"file": first_src, "shape": list(case.out_shape),
-                            "affine": np.round(case.out_affine, 6).tolist()},
-            "sequence_inputs": order,
-            "targets": targets,
-            "slices_mode": str(mode),
-            "slices": ks,
-            "representative_slice": ks[0],
-            "coverage": {"brain_voxels": brain_voxels, "filled_voxels": filled_voxels,
-                         "fraction": round(filled_voxels / max(brain_voxels, 1), 4)},
+            **case_record(case, order, targets, mode, ks, brain_voxels, filled_voxels),
             "batch_size": batch_size,
             "memory": (memory or MemoryOptions()).to_dict(),
             "ensemble": ensemble,

@@ -473,7 +473,8 @@ def save_pretrained(
     return directory
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file of a model folder; CheckpointError (one line) when missing or unreadable."""
     if not path.is_file():
         raise CheckpointError(f"missing {path.name}; is this a model folder?", where=str(path.parent))
     try:
@@ -528,7 +529,7 @@ def from_pretrained(
     if (directory / BAGEL_WEIGHTS).is_file() and not (directory / MODEL_FILE).is_file():
         return load_bagel_folder(directory, device=device, dtype=dtype, load_autoencoder=load_autoencoder,
                                  memory=memory)
-    meta = _read_json(directory / CONFIG_FILE)
+    meta = read_json_object(directory / CONFIG_FILE)
     if meta.get("format") != "unibrain" or "model" not in meta:
         raise CheckpointError("config.json is not a UniBrain model config", where=str(directory / CONFIG_FILE))
     try:
@@ -671,8 +672,8 @@ def load_bagel_folder(
         memory: quantisation / layer offload of the decoder (:mod:`unibrain_cli.model.memory`).
     """
     directory = Path(directory)
-    llm_json = _read_json(directory / BAGEL_LLM_CONFIG)
-    vit_json = _read_json(directory / BAGEL_VIT_CONFIG)
+    llm_json = read_json_object(directory / BAGEL_LLM_CONFIG)
+    vit_json = read_json_object(directory / BAGEL_VIT_CONFIG)
     cfg = bagel_model_config(llm_json, vit_json, vae_config, tokenizer_path=str(directory))
     weights = SafetensorsWeights(directory / BAGEL_WEIGHTS, rename=map_bagel_key)
     model = load_model_weights(cfg, weights, device, dtype, where=str(directory / BAGEL_WEIGHTS), memory=memory)

@@ -537,7 +537,6 @@ def evaluate_released(
         "tables": {k: t.summary.to_dict("records") for k, t in made.items()},
     }
 
-    figs: dict[str, Path] = {}
     written: list[Path] = []
     with atomic_dir(out_dir, overwrite=True) as tmp:
         frame1.to_csv(tmp / "table1_cases.csv", index=False)
@@ -548,18 +547,9 @@ def evaluate_released(
             np.savez_compressed(tmp / GENERATED_FILE, **ev.generated)
             written.append(out_dir / GENERATED_FILE)
         written += [out_dir / p.name for p in tables.write_tables(list(made.values()), tmp)]
-        if res.qualitative:
-            figures.qualitative_grid(res.qualitative, tmp / "qualitative.png",
-                                     title=f"UniBrain released (seed {seed}, uint8/255): inputs | imputed | truth | "
-                                           "error")
-            figs["qualitative"] = out_dir / "qualitative.png"
-        figures.metric_bars(made["table1"].summary, "top1", tmp / "bars_top1.png", group="scenario",
-                            ylabel="Top-1 (%)", title="Diagnosis Top-1 by scenario (released)")
-        figs["bars_top1"] = out_dir / "bars_top1.png"
-        if "table2" in made:
-            figures.metric_bars(made["table2"].summary, "psnr", tmp / "bars_psnr.png", group="chain",
-                                ylabel="PSNR (dB)", title="Imputation PSNR by chain (released)")
-            figs["bars_psnr"] = out_dir / "bars_psnr.png"
+        figs = R.write_figures(made, res.qualitative, tmp, out_dir,
+                               f"UniBrain released (seed {seed}, uint8/255): inputs | imputed | truth | error",
+                               " (released)")
         written += [*figs.values(), out_dir / "eval.json"]
         summary["figures"] = {k: str(v) for k, v in figs.items()}
         summary["files"] = [str(p) for p in written]

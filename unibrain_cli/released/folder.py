@@ -24,7 +24,6 @@ LOADED from the weights (not recomputed). The autoencoder's widths are read from
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +51,7 @@ from unibrain_cli.model.checkpoint import (
     load_model_weights,
     load_vae,
     map_bagel_key,
+    read_json_object,
 )
 from unibrain_cli.model.memory import MemoryOptions
 from unibrain_cli.model.vae import AutoEncoder
@@ -243,11 +243,11 @@ def _declared_added_tokens(folder: Path) -> dict[int, tuple[str, bool]]:
     out: dict[int, tuple[str, bool]] = {}
     added = folder / "added_tokens.json"
     if added.is_file():
-        for content, idx in _read_json(added).items():
+        for content, idx in read_json_object(added).items():
             out[int(idx)] = (str(content), True)
     config = folder / "tokenizer_config.json"
     if config.is_file():
-        for idx, spec in dict(_read_json(config).get("added_tokens_decoder", {})).items():
+        for idx, spec in dict(read_json_object(config).get("added_tokens_decoder", {})).items():
             out[int(idx)] = (str(spec["content"]), bool(spec.get("special", True)))
     return out
 
@@ -288,16 +288,6 @@ class ReleasedBundle:
     vae: AutoEncoder
     tokenizer: ReleasedTokenizer
     files: ReleasedFiles
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path.name}: {exc}", where=str(path)) from exc
-    if not isinstance(data, dict):
-        raise CheckpointError("expected a JSON object", where=str(path))
-    return data
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -361,7 +351,7 @@ def load_released_model(files: ReleasedFiles, vae_config: VAEConfig, device: tor
     group at a time into the meta-built model (:func:`~unibrain_cli.model.checkpoint.load_model_weights`);
     ``memory`` quantises or streams the decoder layers."""
     try:
-        cfg = released_model_config(_read_json(files.llm_config), _read_json(files.vit_config), vae_config,
+        cfg = released_model_config(read_json_object(files.llm_config), read_json_object(files.vit_config), vae_config,
                                     str(files.tokenizer_dir))
         weights = SafetensorsWeights(files.weights, rename=_released_key)
         model = load_model_weights(cfg, weights, device, dtype, where=str(files.weights), memory=memory)
