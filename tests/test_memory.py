@@ -16,10 +16,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from test_released import TINY
 from typer.testing import CliRunner
 
 from unibrain_cli.cli.app import app
-from unibrain_cli.config.components import LLMConfig, ModelConfig, VAEConfig, ViTConfig
 from unibrain_cli.errors import UserError
 from unibrain_cli.inference.bench import make_random_checkpoint
 from unibrain_cli.inference.checkpoint import load_for_inference
@@ -51,15 +51,7 @@ LINEAR_INT8_TOL = 0.02
 BF16_TOL = 0.05
 
 # A BAGEL-convention model at tiny widths, written in the released / BAGEL folder layout.
-TINY_BAGEL = ModelConfig(
-    llm=LLMConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-                  vocab_size=512),
-    vit=ViTConfig(patch_size=14, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
-                  max_patches_per_side=70),
-    vae=VAEConfig(in_channels=3, ch=8, ch_mult=(1, 2, 4, 4), num_res_blocks=1, z_channels=16, scale_factor=0.3611,
-                  shift_factor=0.1159, resolution=256),
-    latent_patch_size=2, max_latent_size=64, vit_max_num_patch_per_side=70, tokenizer="qwen2",
-)
+TINY_BAGEL = TINY
 
 
 @pytest.fixture(scope="module")
