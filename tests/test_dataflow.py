@@ -457,3 +457,30 @@ def test_flow_draws_repeat_each_noisy_target_and_change_no_other_draw():
     segs.insert(i + 4, segs[i])  # a noisy copy after the clean views: not allowed
     with pytest.raises(ValueError):
         validate_plan(replace(bad, segments=tuple(segs)))
+
+
+def test_canonical_order_keeps_modalities_order_and_leaves_zero_unchanged():
+    """canonical_order_prob = 1: inputs are a prefix of the canonical order and targets follow it;
+    0 (the default) draws exactly the plans it drew before the option existed (no extra draw);
+    0.5 mixes both."""
+    rank = {m: i for i, m in enumerate(MODALITIES)}
+    always = DataConfig(understanding_only_prob=0.0, canonical_order_prob=1.0)
+    rng = np.random.default_rng(3)
+    seen = set()
+    for _ in range(200):
+        p = build_plan(RECORDS[0], rng, always)
+        validate_plan(p)
+        order = list(p.start_modalities) + list(p.targets)
+        assert order == sorted(order, key=rank.__getitem__)
+        assert list(p.start_modalities) == [m for m in MODALITIES if m in RECORDS[0]["modalities"]][: len(p.start_modalities)]
+        seen.add((p.start_modalities, p.targets))
+    assert len(seen) >= 5  # prefixes of several lengths, targets of several lengths
+    r0, rd = np.random.default_rng(9), np.random.default_rng(9)
+    zero = DataConfig(understanding_only_prob=0.0, canonical_order_prob=0.0)
+    for _ in range(50):
+        assert build_plan(RECORDS[0], r0, zero) == build_plan(RECORDS[0], rd, DataConfig(understanding_only_prob=0.0))
+    half = DataConfig(understanding_only_prob=0.0, canonical_order_prob=0.5)
+    rng = np.random.default_rng(4)
+    canonical = [list(p.start_modalities) + list(p.targets) for p in (build_plan(RECORDS[0], rng, half) for _ in range(300))]
+    share = np.mean([o == sorted(o, key=rank.__getitem__) for o in canonical])
+    assert 0.5 < share < 0.8  # half canonical by choice, plus random permutations that happen to be sorted

@@ -108,6 +108,8 @@ def test_inconsistent_model_shapes_name_the_field():
         load_recipe("tiny", ["model.llm.num_kv_heads=3"])
     with pytest.raises(RecipeError, match="model.max_latent_size"):
         load_recipe("tiny", ["data.image_size=256"])
+    with pytest.raises(RecipeError, match="data.canonical_order_prob"):
+        load_recipe("tiny", ["data.canonical_order_prob=1.5"])
 
 
 def test_defaults_are_frozen():

@@ -15,9 +15,11 @@ def prepare(
     out_dir: Path = typer.Option(..., "--out", "-o", help="PREPARED output folder."),
     workers: int = typer.Option(1, "--workers", "-j", min=1, help="Parallel worker processes across cases."),
     force: bool = typer.Option(False, "--force", help="Redo cases that are already prepared."),
+    spacing: float = typer.Option(1.0, "--spacing", help="Isotropic voxel size of the case grids in mm (2 is "
+                                  "enough for slices of 128 px or less: 8x fewer voxels)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Validate and preprocess every case: RAS+, 1 mm in-plane, one grid per case, [0, 1] intensities.
+    """Validate and preprocess every case: RAS+, 1 mm isotropic (--spacing), one grid per case, [0, 1] intensities.
 
     Prints first how each subset's report keys met their images; what still fails is in problems.csv.
 
@@ -31,7 +33,7 @@ def prepare(
     def echo(line: str) -> None:
         out(escape(line))
 
-    res = run_prepare(radgenome_dir, out_dir, images=images, workers=workers, force=force,
+    res = run_prepare(radgenome_dir, out_dir, images=images, workers=workers, force=force, spacing=spacing,
                       progress=not STATE.quiet, echo=None if as_json else echo)
     if as_json:
         emit_json({"out": str(res.out), "prepared": res.n_prepared, "problems": len(res.problems),

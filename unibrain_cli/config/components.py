@@ -37,6 +37,10 @@ class DataConfig:
     # noisy copies of every generated target in `unified` samples, each with its own noise and flow
     # time (invisible to each other and to later tokens): more flow signal per context token
     flow_draws: int = 1
+    # samples whose modalities keep the canonical order of `unibrain_cli.modalities.MODALITIES`
+    # (inputs = a prefix, targets the next ones: the order `impute`/`evaluate` generate in)
+    # instead of a random permutation; 0 = the paper's fully random order
+    canonical_order_prob: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,10 @@ Randomisation of :func:`build_plan`, in draw order (all from the caller's genera
    modalities, ``"impression"``/``"both"`` a non-empty impression, ``"diagnosis"``/``"both"``
    a disease list;
 3. thinking with ``cfg.thinking_prob`` (recorded only when the plan has targets);
-4. a random permutation of the present modalities; the first ``n_in`` are the inputs
+4. a random permutation of the present modalities (replaced, with ``cfg.canonical_order_prob``
+   and one more draw only when that probability is > 0, by their canonical
+   :data:`~unibrain_cli.modalities.MODALITIES` order: inputs a prefix, targets the next ones, the
+   order ``impute`` and ``evaluate`` generate in); the first ``n_in`` are the inputs
    (``n_in`` uniform in 1..n-1 for generation, 1..n otherwise), the next ``n_tgt`` the targets
    (uniform in 1..n-n_in for generation, 0..n-n_in otherwise), in that random order;
 5. visual dropout: each clean view (``vae_clean``, ``vit``) of each INPUT image is dropped
@@ -330,6 +333,8 @@ def build_plan(record: Mapping[str, Any], rng: np.random.Generator, cfg: DataCon
 
     n = len(present)
     order = [present[i] for i in rng.permutation(n)]
+    if cfg.canonical_order_prob > 0 and rng.random() < cfg.canonical_order_prob:
+        order = list(present)
     if task == "generation":
         n_in = int(rng.integers(1, n))  # 1..n-1
         n_tgt = int(rng.integers(1, n - n_in + 1))  # 1..n-n_in
