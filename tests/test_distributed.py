@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -41,12 +40,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_two_ranks(script: Path, *args: str) -> list[dict]:
     """Run ``script`` on 2 CPU ranks (torchrun + ACCELERATE_USE_CPU: Accelerate's MULTI_CPU gloo
     mode; ``accelerate launch --cpu`` would start a single process; on GPUs ``accelerate launch
@@ -54,7 +47,8 @@ def run_two_ranks(script: Path, *args: str) -> list[dict]:
     is OUT. Returns both ranks' records."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    # --standalone: the launcher binds its own free port (no race with a port picked beforehand)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
