@@ -7,8 +7,8 @@ PY=${PY:-.venv/bin/python}
 D=${DEMO_DIR:-demo_out}
 # 240 cases at 2 mm: 30 test cases (BraTS) for every scenario/chain that needs T1 and T2;
 # 2 mm keeps synth affordable; its 64-px slices are somewhat smoother than from 1 mm (mean gradient
-# -7%, spectral energy above 0.25 cycles/px about 1/3). `prepare --spacing 2` keeps the phantom's
-# own 2-mm grid (resampling it to 1 mm would add no detail, only 8x the voxels to write and read).
+# -7%, spectral energy above 0.25 cycles/px about 1/3). prepare resamples to 1 mm like real data
+# (`--spacing 2` is 7x faster here but its near-native 64-px slices are noisier and harder: README).
 CASES=${DEMO_CASES:-240}
 RECIPE=${DEMO_RECIPE:-recipes/small.toml}
 UB="$PY -m unibrain_cli"
@@ -18,8 +18,8 @@ stamp() { printf '\n== [%4ds] %s\n' "$SECONDS" "$*"; }
 rm -rf "$D"
 stamp "1/6 synth: $CASES phantom cases in the RadGenome-Brain MRI release layout"
 $UB synth "$D/phantom" --cases "$CASES" --seed 0 --resolution 2 --workers 2
-stamp "2/6 prepare: join reports and volumes, RAS+ 2 mm, [0, 1] intensities"
-$UB prepare "$D/phantom/radgenome" --images "$D/phantom/images" --out "$D/prepared" --spacing 2 --workers 2
+stamp "2/6 prepare: join reports and volumes, RAS+ 1 mm, [0, 1] intensities"
+$UB prepare "$D/phantom/radgenome" --images "$D/phantom/images" --out "$D/prepared" --workers 2
 stamp "3/6 slice: lesion-centred 64x64 axial slices with 2D size phrases"
 $UB slice "$D/prepared" --out "$D/slices" --size 64 --per-case 6 --workers 2
 stamp "4/6 train: $RECIPE (vae -> sa -> unified -> dhs)"

@@ -3,7 +3,8 @@
 One optimizer step = ``stage.grad_accum`` micro-batches per rank. Per step:
 
     draw all micro-batches:  batch_i = task.next_batch(position, generator); position += 1
-    norm = global_loss_norm(task, batches, accelerator)  # loss-token counts over micro-batches and ranks
+    counts_i = task.loss_counts(batch_i)          # once per micro-batch (also the log's flow tokens)
+    norm = global_loss_norm(counts, accelerator)  # loss-token counts over micro-batches and ranks
     for each micro-batch:    with accumulate + autocast: out = task.loss(model, batch_i, norm=norm); backward
     clip (stage.grad_clip) -> AdamW step -> LR schedule step -> EMA update -> step += 1
     log every train.log_every, checkpoint every train.checkpoint_every, call hooks
@@ -223,17 +224,17 @@ def _gather_generators(accelerator: Accelerator, state: Tensor) -> dict[int, Ten
     return {r: torch.tensor(s, dtype=torch.uint8) for r, s in enumerate(states)}
 
 
-def global_loss_norm(task: StageTask, batches: Sequence[Mapping[str, Any]], accelerator: Accelerator
+def global_loss_norm(batch_counts: Sequence[Mapping[str, int]], accelerator: Accelerator
                      ) -> dict[str, float] | None:
     """Per-term divisors of one optimizer step (see the module docstring), or None.
 
-    ``task.loss_counts`` of every micro-batch of this rank are summed, then summed over ranks
+    ``batch_counts``: ``task.loss_counts`` of every micro-batch of this rank; they are summed, then summed over ranks
     (an all-reduce every step when ``num_processes > 1``: every rank must return the same keys),
     and divided by ``grad_accum * num_processes``. None when the task reports no counts.
     """
     counts: dict[str, float] = {}
-    for batch in batches:
-        for k, v in task.loss_counts(batch).items():
+    for batch in batch_counts:
+        for k, v in batch.items():
             counts[k] = counts.get(k, 0.0) + float(v)
     if not counts:
         return None
@@ -342,9 +343,10 @@ def run_stage(
             for _ in range(stage.grad_accum):
                 batches.append(task.next_batch(position, generator))
                 position += 1
-            window_flow += sum(int(c.get("flow", 0)) + int(c.get("sa", 0)) for c in map(task.loss_counts, batches))
+            counts = [task.loss_counts(b) for b in batches]
+            window_flow += sum(int(c.get("flow", 0)) + int(c.get("sa", 0)) for c in counts)
             window_steps += 1
-            norm = global_loss_norm(task, batches, accelerator)
+            norm = global_loss_norm(counts, accelerator)
             while batches:
                 batch = send_to_device(batches.pop(0), accelerator.device)
                 with accelerator.accumulate(model):
