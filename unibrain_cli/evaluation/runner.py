@@ -283,6 +283,37 @@ def load_cases(data: str | Path, split: str, max_cases: int = 0, seed: int = 0, 
     return cases, int(meta["size"])
 
 
+def check_common_flags(out: str | Path | None, force: bool, data: str | Path | None, ensemble: int,
+                       max_cases: int, steps: int | None, ratescore_models: str | Path | None
+                       ) -> tuple[Path, str | None]:
+    """The checks both evaluation protocols share (before anything is loaded): the seed ensemble,
+    --max-cases, --steps, the output folder and a SLICES folder. Returns (output folder, why
+    RaTEScore is unavailable or None)."""
+    if ensemble < 1:
+        raise UserError(f"must be >= 1, got {ensemble}", "--ensemble")
+    if max_cases < 0:
+        raise UserError(f"must be >= 0 (0 = all cases), got {max_cases}", "--max-cases")
+    if steps is not None and steps < 1:
+        raise UserError(f"must be >= 1, got {steps}", "--steps")
+    out_dir = check_out_dir(out, force)
+    rate_reason = ratescore_unavailable_reason(ratescore_models)
+    if data is None:
+        raise UserError("a SLICES folder is required (from `unibrain slice`)", "--data")
+    return out_dir, rate_reason
+
+
+def score_ratescore(rows: Sequence[dict[str, Any]], rate_reason: str | None,
+                    ratescore_models: str | Path | None) -> str:
+    """RaTEScore of every generated impression of ``rows`` at once, stored as ``row["rate"]``
+    (nothing when unavailable); returns the Table-1 note on RaTE."""
+    scored = [r for r in rows if r.get("reference") and r.get("impression")]
+    values = ratescore([r["reference"] for r in scored], [r["impression"] for r in scored], ratescore_models) \
+        if scored and rate_reason is None else None
+    for r, v in zip(scored, values or []):
+        r["rate"] = v
+    return f"unavailable ({rate_reason})" if rate_reason else "RaTEScore with the given local models"
+
+
 def _check_convention(convention: str) -> None:
     if convention not in CONVENTIONS:
         raise UserError(f"unknown convention '{convention}'; choose from {', '.join(CONVENTIONS)}", "--convention")
@@ -1006,20 +1037,11 @@ def evaluate(
     scen = parse_scenarios(scenarios)
     names = parse_baselines(baselines)
     _check_convention(convention)
-    if ensemble < 1:
-        raise UserError(f"must be >= 1, got {ensemble}", "--ensemble")
-    if max_cases < 0:
-        raise UserError(f"must be >= 0 (0 = all cases), got {max_cases}", "--max-cases")
     if thinking_tokens < 0 or answer_tokens < 0:
         raise UserError("token bounds must be >= 0", "--thinking-tokens/--answer-tokens")
-    if steps is not None and steps < 1:
-        raise UserError(f"must be >= 1, got {steps}", "--steps")
     if cfg_img_scale is not None and not (math.isfinite(cfg_img_scale) and cfg_img_scale >= 0):
         raise UserError(f"must be a finite number >= 0, got {cfg_img_scale}", "--cfg-img-scale")
-    out_dir = check_out_dir(out, force)
-    rate_reason = ratescore_unavailable_reason(ratescore_models)
-    if data is None:
-        raise UserError("a SLICES folder is required (from `unibrain slice`)", "--data")
+    out_dir, rate_reason = check_common_flags(out, force, data, ensemble, max_cases, steps, ratescore_models)
     variants = ablation_folders(ckpt) if ablation else {"full": resolve_checkpoint(ckpt)}
     cases, size = load_cases(data, split, max_cases, seed, convention)
     conv = convention_summary(convention, data, split, cases)
@@ -1063,13 +1085,8 @@ def evaluate(
             abl_seconds[row_name] = float(np.mean(part.seconds)) if part.seconds else math.nan
 
     # RaTEScore over every generated impression at once (None: unavailable)
-    rate_note = f"unavailable ({rate_reason})" if rate_reason else "RaTEScore with the given local models"
-    for rows in (main.table1, abl1):
-        scored = [r for r in rows if r.get("reference") and r.get("impression")]
-        values = ratescore([r["reference"] for r in scored], [r["impression"] for r in scored], ratescore_models) \
-            if scored and rate_reason is None else None
-        for r, v in zip(scored, values or []):
-            r["rate"] = v
+    rate_note = score_ratescore(main.table1, rate_reason, ratescore_models)
+    score_ratescore(abl1, rate_reason, ratescore_models)
 
     n_boot = recipe.eval.bootstrap
     frame1 = _frame(main.table1, TABLE1_COLUMNS)

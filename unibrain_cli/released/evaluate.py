@@ -59,8 +59,6 @@ from unibrain_cli.evaluation import figures, tables
 from unibrain_cli.evaluation.baselines import parse_chain
 from unibrain_cli.evaluation.metrics import (
     paper_image_scores,
-    ratescore,
-    ratescore_unavailable_reason,
     rouge1_f,
 )
 from unibrain_cli.evaluation.scenarios import (
@@ -456,19 +454,10 @@ def evaluate_released(
         raise UserError(f"baseline '{refused[0]}' needs our closed-set understanding path, which the released "
                         "protocol does not have; use copy,unet or none", "--baselines")
     R._check_convention(convention)
-    if ensemble < 1:
-        raise UserError(f"must be >= 1, got {ensemble}", "--ensemble")
-    if max_cases < 0:
-        raise UserError(f"must be >= 0 (0 = all cases), got {max_cases}", "--max-cases")
     if think_max_length < 1 or answer_max_length < 1:
         raise UserError("with --protocol released the token bounds are their max_length and must be >= 1",
                         "--thinking-tokens/--answer-tokens")
-    if steps is not None and steps < 1:
-        raise UserError(f"must be >= 1, got {steps}", "--steps")
-    out_dir = R.check_out_dir(out, force)
-    rate_reason = ratescore_unavailable_reason(ratescore_models)
-    if data is None:
-        raise UserError("a SLICES folder is required (from `unibrain slice`)", "--data")
+    out_dir, rate_reason = R.check_common_flags(out, force, data, ensemble, max_cases, steps, ratescore_models)
     files = resolve_released(ckpt, base) if bundle is None else bundle.files
     cases, size = R.load_cases(data, split, max_cases, seed, convention)
     conv = released_convention(convention, data, split, cases)
@@ -486,12 +475,7 @@ def evaluate_released(
         res = released_pass(ev, cases, scen, chains, fitted, R.QUALITATIVE_CASES,
                             (bar, task) if bar is not None else None)
 
-    rate_note = f"unavailable ({rate_reason})" if rate_reason else "RaTEScore with the given local models"
-    scored = [r for r in res.table1 if r.get("reference") and r.get("impression")]
-    values = ratescore([r["reference"] for r in scored], [r["impression"] for r in scored], ratescore_models) \
-        if scored and rate_reason is None else None
-    for r, v in zip(scored, values or []):
-        r["rate"] = v
+    rate_note = R.score_ratescore(res.table1, rate_reason, ratescore_models)
 
     n_boot = EvalConfig().bootstrap
     frame1 = R._frame(res.table1, R.TABLE1_COLUMNS)
