@@ -20,10 +20,12 @@ UNET_STEPS ?= 500
 
 setup: $(STAMP)
 
+# --no-cache-dir: no second copy of every downloaded wheel in ~/.cache (a CI machine once ran out of
+# disk during this install; the venv alone is about 2.3 GB)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-cache-dir "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-cache-dir -e ".[dev]"
 	@touch $(STAMP)
 
 test: $(STAMP)
