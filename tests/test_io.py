@@ -40,6 +40,49 @@ def test_save_load_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_gzipped_files_are_plain_gzip_reproducible_and_read_like_nibabel(tmp_path):
+    rng = np.random.default_rng(0)
+    arr = np.where(rng.random((20, 18, 9)) < 0.6, 0.0, rng.random((20, 18, 9))).astype(np.float32)
+    vol = Volume(arr, np.diag([1.0, 1.2, 2.0, 1.0]))
+    save_volume(vol, tmp_path / "a.nii.gz")
+    save_volume(vol, tmp_path / "b.nii.gz")
+    data = (tmp_path / "a.nii.gz").read_bytes()
+    assert data == (tmp_path / "b.nii.gz").read_bytes()  # mtime 0: the same bytes every time
+    # any gzip reader inflates it to the NIfTI that nibabel writes uncompressed
+    save_volume(vol, tmp_path / "a.nii")
+    assert gzip.decompress(data) == (tmp_path / "a.nii").read_bytes()
+    # files from other writers (nibabel's zlib, NIfTI-2, big-endian) read as nibabel reads them
+    for name, img in [
+        ("nib.nii.gz", nib.Nifti1Image(arr * 3 - 1, np.diag([2.0, 1.0, 1.0, 1.0]))),
+        ("two.nii.gz", nib.Nifti2Image(arr, np.eye(4))),
+        ("big.nii.gz", nib.Nifti1Image(arr.astype(">f4"), np.eye(4), nib.Nifti1Header(endianness=">"))),
+        ("int.nii.gz", nib.Nifti1Image(np.rint(arr * 100).astype(np.int16), np.eye(4))),
+    ]:
+        nib.save(img, tmp_path / name)
+        ref = nib.load(tmp_path / name)
+        got = load_volume(tmp_path / name)
+        np.testing.assert_array_equal(got.array, np.asarray(ref.dataobj, dtype=np.float32), err_msg=name)
+        np.testing.assert_allclose(got.affine, ref.affine)
+
+
+def test_without_isal_the_standard_library_writes_and_reads_the_same_data(tmp_path, monkeypatch):
+    from unibrain_cli.io import volume as volume_mod
+
+    vol = _vol(np.diag([1.0, 1.0, 2.0, 1.0]))
+    save_volume(vol, tmp_path / "isal.nii.gz")
+    monkeypatch.setattr(volume_mod, "_igzip", None)
+    monkeypatch.setattr(volume_mod, "_isal_zlib", None)
+    save_volume(vol, tmp_path / "zlib.nii.gz")
+    assert gzip.decompress((tmp_path / "zlib.nii.gz").read_bytes()) == gzip.decompress(
+        (tmp_path / "isal.nii.gz").read_bytes())
+    for name in ("isal.nii.gz", "zlib.nii.gz"):
+        np.testing.assert_array_equal(load_volume(tmp_path / name).array, vol.array)
+    trunc = tmp_path / "trunc.nii.gz"
+    trunc.write_bytes((tmp_path / "zlib.nii.gz").read_bytes()[:60])
+    with pytest.raises(UserError, match="trunc.nii.gz"):
+        load_volume(trunc)
+
+
 def test_canonical_reorients_lps_to_ras_without_moving_voxels():
     vol = _vol(LPS @ np.diag([1.0, 2.0, 3.0, 1.0]))
     can = to_canonical(vol)

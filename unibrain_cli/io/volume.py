@@ -19,6 +19,12 @@ from typing import Literal
 import nibabel as nib
 import numpy as np
 
+try:  # ISA-L's deflate (python-isal): the same gzip format, about 3x faster to write, 2x to read
+    from isal import igzip as _igzip
+    from isal import isal_zlib as _isal_zlib
+except ImportError:  # a platform without its wheels: the standard library (same data, other bytes)
+    _igzip = _isal_zlib = None
+
 from unibrain_cli.errors import UserError
 from unibrain_cli.io.atomic import atomic_path
 
@@ -68,6 +74,28 @@ class Volume:
         return world[:, :3].min(axis=0), world[:, :3].max(axis=0)
 
 
+_DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (_isal_zlib.error,) if _isal_zlib is not None else ()
+#: sizeof_hdr of NIfTI-1 / NIfTI-2 headers (first 4 bytes, either byte order)
+_NIFTI_CLASSES = {348: nib.Nifti1Image, 540: nib.Nifti2Image}
+
+
+def _read_nifti(path: Path):  # -> nibabel image
+    """``nib.load``, except that a gzipped NIfTI-1/2 file is inflated in one call (ISA-L when
+    installed) and parsed from memory: 1-mm volumes are read whole anyway, and nibabel's
+    streaming gzip reader is the slow part of reading them."""
+    if path.suffix.lower() != ".gz":
+        return nib.load(str(path))
+    raw = path.read_bytes()
+    raw = _igzip.decompress(raw) if _igzip is not None else gzip.decompress(raw)
+    klass = None
+    if len(raw) >= 4:
+        klass = _NIFTI_CLASSES.get(int.from_bytes(raw[:4], "little")) or _NIFTI_CLASSES.get(int.from_bytes(raw[:4], "big"))
+    if klass is None:  # not NIfTI inside (Analyze, MGH, ...): nibabel finds out what it is
+        return nib.load(str(path))
+    holder = nib.FileHolder(filename=str(path), fileobj=io.BytesIO(raw))
+    return klass.from_file_map({"image": holder, "header": holder})
+
+
 def load_volume(path: str | Path, kind: VolumeKind = "intensity", allow_nonfinite: bool = False) -> Volume:
     """Read a 3D NIfTI file, validated. Bad files raise :class:`UserError` naming the file.
 
@@ -78,9 +106,10 @@ def load_volume(path: str | Path, kind: VolumeKind = "intensity", allow_nonfinit
     if not path.is_file():
         raise UserError("file not found; check the path", str(path))
     try:
-        img = nib.load(str(path))
+        img = _read_nifti(path)
         data = np.asarray(img.dataobj)
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError) as exc:
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError,
+            *_DECOMPRESS_ERRORS) as exc:
         raise UserError(f"not a readable NIfTI file ({type(exc).__name__}: {exc}); re-export it", str(path)) from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -108,17 +137,21 @@ def load_volume(path: str | Path, kind: VolumeKind = "intensity", allow_nonfinit
     return Volume(arr, affine, kind, meta)
 
 
-#: gzip settings of written ``.nii.gz`` files: level 1 (nibabel's default) with zlib's run-length
-#: strategy. A skull-stripped float volume compresses almost only through its zero background,
-#: which RLE codes as well as the default LZ77 match search does, in about half the CPU time
-#: (files come out slightly smaller). Any gzip reader reads them; mtime 0 keeps them reproducible.
+#: gzip settings of written ``.nii.gz`` files: level 1 (nibabel's default). With python-isal
+#: installed (a dependency) ISA-L's level 1 compresses a 1-mm float volume 3x faster than zlib
+#: and slightly smaller; without it, zlib with its run-length strategy (a skull-stripped volume
+#: compresses almost only through its zero background, which RLE codes as well as LZ77 does in
+#: half the time). Any gzip reader reads either; the header's mtime 0 keeps files reproducible.
 GZIP_LEVEL = 1
 GZIP_STRATEGY = zlib.Z_RLE
 
 
 def _gzip(data: memoryview) -> bytes:
     """One gzip member (header with mtime 0) of ``data``, compressed with the settings above."""
-    comp = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, GZIP_STRATEGY)
+    if _isal_zlib is not None:
+        comp = _isal_zlib.compressobj(GZIP_LEVEL, _isal_zlib.DEFLATED, 16 + _isal_zlib.MAX_WBITS)
+    else:
+        comp = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, GZIP_STRATEGY)
     return comp.compress(data) + comp.flush()
 
 
