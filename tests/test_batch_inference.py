@@ -11,6 +11,8 @@ from unibrain_cli.data import templates
 from unibrain_cli.inference.batched import (
     append_images,
     append_text,
+    diagnosis_scores_batch,
+    generate_answers,
     generate_batch,
     impute_chains,
     row_context,
@@ -18,7 +20,15 @@ from unibrain_cli.inference.batched import (
 from unibrain_cli.inference.bench import make_random_checkpoint
 from unibrain_cli.inference.blocks import add_image
 from unibrain_cli.inference.checkpoint import load_for_inference
-from unibrain_cli.inference.engine import Context, Engine, generate_answer, impute_chain
+from unibrain_cli.inference.engine import (
+    Context,
+    Engine,
+    answer_prompt,
+    diagnosis_scores,
+    generate_answer,
+    impute_chain,
+    parse_first_answer,
+)
 from unibrain_cli.model.batch_cache import BatchKVCache
 
 TOL = 2e-5
@@ -163,3 +173,64 @@ def test_batched_greedy_text_rows_stop_at_their_own_eos(bundle):
     expected = [f.index(eos) + 1 if eos in f else 10 for f in free]
     assert [len(g) for g in got] == expected and expected[1] == 4
     assert 10 in expected  # some row is cut by the bound while another stopped early
+
+
+def test_batched_closed_set_scores_and_answers_equal_one_by_one(bundle):
+    """The closed-set class scores and the generated answers (first try, and the second try with
+    the diagnosis forced for rows whose answer names none) of a batch equal each row alone."""
+    eng = engine(bundle)
+    model = bundle.model
+    imgs = eng.encode(slices(3, bundle.image_size, 5), ["t1", "t2", "flair"])
+    texts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
+    batch = BatchKVCache(model.num_layers, 3)
+    append_images(eng, batch, [0, 1, 2], [[imgs[0]], [imgs[1]], [imgs[2]]])
+    append_text(eng, batch, [0, 1, 2], texts)
+    singles = [row_context(batch, r) for r in range(3)]
+    probes = [c.fork() for c in singles]
+    classes = ["glioma", "stroke", "wmh"]
+    got = diagnosis_scores_batch(eng, batch, [2, 0, 1], classes)
+    for i, r in enumerate([2, 0, 1]):
+        want = diagnosis_scores(eng, singles[r], classes)
+        assert got[i].keys() == want.keys()
+        for c in classes:
+            assert got[i][c] == pytest.approx(want[c], abs=1e-3)
+    answers = generate_answers(eng, batch, [1, 2, 0], templates.both_question(), 12)
+    for i, r in enumerate([1, 2, 0]):
+        assert answers[i] == generate_answer(eng, singles[r], templates.both_question(), 12)
+    # the random model names no diagnosis in 12 tokens: the rows took the second try
+    for probe in probes:
+        eng.add_text(probe, templates.both_question())
+        first, _ = parse_first_answer(eng, eng.generate(probe, answer_prompt(eng), 12))
+        assert first is None
+    assert batch.lengths == [c.cache.length for c in singles]
+    assert batch.next_positions == [c.cache.next_position for c in singles]
+
+
+def test_batched_answers_mix_first_and_second_tries(bundle, monkeypatch):
+    """Rows whose first answer counts as complete keep it while the others are rolled back for
+    the second try: every row still equals its one-row answer and cache."""
+    import unibrain_cli.inference.batched as batched_mod
+    import unibrain_cli.inference.engine as engine_mod
+
+    real = engine_mod.parse_first_answer
+
+    def parse(eng, new):  # a first answer "names a diagnosis" when its fourth id is 2 mod 8
+        answer, imp = real(eng, new)
+        if len(new) > 3 and new[3] % 8 == 2:
+            return engine_mod.Answer(f"first {list(new)}", imp, "x"), imp
+        return answer, imp
+
+    monkeypatch.setattr(engine_mod, "parse_first_answer", parse)
+    monkeypatch.setattr(batched_mod, "parse_first_answer", parse)
+    eng = engine(bundle)
+    imgs = eng.encode(slices(4, bundle.image_size, 9), ["t1", "t2", "flair", "t1"])
+    batch = BatchKVCache(bundle.model.num_layers, 4)
+    append_images(eng, batch, [0, 1, 2, 3], [[i] for i in imgs])
+    append_text(eng, batch, [0, 1, 2, 3], [[5, 6], [7], [8, 9, 10], [11, 12, 13, 14]])
+    singles = [row_context(batch, r) for r in range(4)]
+    answers = generate_answers(eng, batch, [0, 1, 2, 3], templates.both_question(), 10)
+    for r in range(4):
+        assert answers[r] == generate_answer(eng, singles[r], templates.both_question(), 10)
+        assert batch.lengths[r] == singles[r].cache.length
+    firsts = [a.text.startswith("first") for a in answers]
+    assert any(firsts) and not all(firsts)

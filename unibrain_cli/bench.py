@@ -211,6 +211,47 @@ def impute_full_volume() -> dict[str, Any]:
     return out
 
 
+@bench("evaluate_batch")
+def evaluate_batch() -> dict[str, Any]:
+    """`evaluate` (every scenario, the chains, answers; `small`, random weights) on the test split of
+    a small phantom (40 cases at 2 mm, prepared with ``--spacing 2``, 64-px slices): one slice at a
+    time vs ``--batch-size`` 16, side by side; the two must give the same tables. A random model
+    never stops its text early, so every thinking and answer runs to its bound (48 / 96 tokens)."""
+    import tempfile
+
+    import pandas as pd
+
+    from unibrain_cli.data.phantom import synthesize
+    from unibrain_cli.data.prepare import prepare
+    from unibrain_cli.data.slicing import make_slices
+    from unibrain_cli.evaluation.runner import DEFAULT_BATCH_SIZE
+    from unibrain_cli.evaluation.runner import evaluate as run_evaluate
+    from unibrain_cli.inference.bench import make_random_checkpoint
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        synthesize(root / "ph", cases=40, seed=0, resolution=2, workers=2)
+        prepare(root / "ph" / "radgenome", root / "prep", images=[root / "ph" / "images"], workers=2, spacing=2.0)
+        make_slices(root / "prep", root / "slices", size=64, per_case=1, workers=2)
+        ckpt = make_random_checkpoint(root / "ckpt", "small")
+        frames = {}
+        for bs in (1, DEFAULT_BATCH_SIZE):
+            t0 = time.perf_counter()
+            res = run_evaluate(ckpt, root / "slices", root / f"eval{bs}", split="test", scenarios="all", chain=True,
+                               baselines="none", batch_size=bs)
+            out[f"batch_{bs}_s"] = round(time.perf_counter() - t0, 2)
+            frames[bs] = [pd.read_csv(root / f"eval{bs}" / f"table{t}_cases.csv") for t in (1, 2)]
+            out["cases"] = res.summary["cases"]
+        (one1, one2), (many1, many2) = frames[1], frames[DEFAULT_BATCH_SIZE]
+        out["table1_rows"] = len(one1)
+        out["same_answers_and_classes"] = bool(one1["answer"].fillna("").equals(many1["answer"].fillna(""))
+                                               and one1["pred_closed"].equals(many1["pred_closed"]))
+        out["table2_psnr_max_abs_diff"] = float((one2["psnr"] - many2["psnr"]).abs().max())
+        out["speedup"] = round(out["batch_1_s"] / out[f"batch_{DEFAULT_BATCH_SIZE}_s"], 2)
+    return out
+
+
 @bench("train_stages_small")
 def train_stages_small() -> dict[str, Any]:
     """Tokens/s of `unified` and `dhs` (10 rollout steps) steps of `small` on one 4-modality sample."""
@@ -258,6 +299,47 @@ def synth_prepare() -> dict[str, Any]:
             "prepare_spacing2_cases_per_s": round(results[2.0].n_prepared / seconds[2.0], 3),
             "prepare_speedup_spacing2": round(prep_s / seconds[2.0], 2),
             "note": "2 mm phantom volumes resampled to 1 mm by prepare (default) vs kept at 2 mm (--spacing 2)"}
+
+
+@bench("nifti_gzip")
+def nifti_gzip() -> dict[str, Any]:
+    """Writing and reading one 1-mm skull-stripped float volume as ``.nii.gz`` (what `prepare`
+    writes and `slice` reads, 7 per case): ISA-L (python-isal) vs the standard library's zlib,
+    side by side; the two files hold the same data."""
+    import tempfile
+
+    import numpy as np
+    from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
+
+    from unibrain_cli.io import volume as vm
+
+    t1 = load_mni152_template(resolution=1)
+    mask = np.asarray(load_mni152_brain_mask(resolution=1).dataobj) > 0
+    arr = np.where(mask, np.asarray(t1.dataobj, dtype=np.float32), 0.0).astype(np.float32)
+    vol = vm.Volume(arr / arr.max(), t1.affine)
+    saved = vm._igzip, vm._isal_zlib
+    out: dict[str, Any] = {"shape": list(arr.shape), "brain_fraction": round(float(mask.mean()), 3)}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for name, mods in (("isal", saved), ("zlib", (None, None))):
+                if name == "isal" and saved[0] is None:
+                    continue
+                vm._igzip, vm._isal_zlib = mods
+                path = Path(tmp) / f"{name}.nii.gz"
+                out[f"{name}_write_s"] = round(_best_of(lambda p=path: vm.save_volume(vol, p)), 4)
+                out[f"{name}_read_s"] = round(_best_of(lambda p=path: vm.load_volume(p)), 4)
+                out[f"{name}_mb"] = round(path.stat().st_size / 1e6, 2)
+            import nibabel as nib
+
+            out["nibabel_load_s"] = round(_best_of(lambda: np.asarray(nib.load(str(path)).dataobj)), 4)
+        finally:
+            vm._igzip, vm._isal_zlib = saved
+    if "isal_write_s" in out:
+        out["write_speedup"] = round(out["zlib_write_s"] / out["isal_write_s"], 2)
+        out["read_speedup"] = round(out["zlib_read_s"] / out["isal_read_s"], 2)
+    out["note"] = ("MNI152 T1 1 mm inside its brain mask, [0, 1] float32; best of 3; read = load_volume (one-call "
+                   "inflate), nibabel_load_s = nib.load of the zlib file (nibabel's streaming reader, used before)")
+    return out
 
 
 @bench("memory_bagel_width")

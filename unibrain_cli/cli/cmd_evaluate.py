@@ -33,6 +33,9 @@ def evaluate(
                                              "(default 96; released: their max_length, default 512)."),
     seed: int = SEED,
     steps: int | None = STEPS,
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Slices generated together over "
+                                          "batched KV caches (default 16; 1 = one by one; same results up to float "
+                                          "rounding). Native protocol only."),
     cfg_img_scale: float | None = typer.Option(None, "--cfg-img-scale", help="Image guidance scale of the "
                                                "sampler (default: the recipe's flow.cfg_img_scale; 1 = off)."),
     convention: str | None = typer.Option(None, "--convention", help="Metric convention: ours (eval slice, "
@@ -65,7 +68,7 @@ def evaluate(
                           progress=not STATE.quiet, force=force, thinking_tokens=thinking_tokens,
                           answer_tokens=answer_tokens, cfg_img_scale=cfg_img_scale,
                           convention=convention.lower() if convention is not None else None, protocol=protocol,
-                          base=base)
+                          base=base, batch_size=batch_size)
     for table in result.tables.values():
         print_table(to_rich(table))
     print_table(Text(convention_line(result.summary["convention"])))

@@ -142,11 +142,18 @@ from unibrain_cli.evaluation.scenarios import (
     scored_targets,
 )
 from unibrain_cli.evaluation.tables import NOT_RUN, Metric, Table, format_cell, summarize
+from unibrain_cli.inference.batched import (
+    append_images,
+    diagnosis_scores_batch,
+    generate_answers,
+    impute_chains,
+)
 from unibrain_cli.inference.checkpoint import InferenceBundle, load_for_inference, resolve_checkpoint
 from unibrain_cli.inference.diagnose import engine_for
 from unibrain_cli.inference.engine import (
     INPUT_VIEWS,
     UNDERSTANDING_VIEWS,
+    Answer,
     Context,
     GuidedContexts,
     diagnosis_scores,
@@ -175,6 +182,8 @@ ABLATION_VARIANTS: dict[str, tuple[str, tuple[bool, bool, bool]]] = {
 }
 DEFAULT_THINKING_TOKENS = 48
 DEFAULT_ANSWER_TOKENS = 96
+#: slices evaluated together (``--batch-size``)
+DEFAULT_BATCH_SIZE = 16
 DEFAULT_UNET_STEPS = 200
 QUALITATIVE_CASES = 3
 
@@ -510,6 +519,8 @@ class Settings:
     steps: int | None = None
     seed: int = 0
     convention: str = "ours"
+    #: slices run together (:meth:`ModelEvaluator.prefetch`, batched KV caches); 1 = one by one
+    batch_size: int = 1
 
 
 def _hit(pred: str | None, case: EvalCase) -> float:
@@ -567,6 +578,11 @@ class ModelEvaluator:
         self._encoded: dict[str, Any] = {}
         self._starts: dict[tuple[str, ...], GuidedContexts] = {}
         self.memo: dict[tuple[tuple[str, ...], str, int], np.ndarray] = {}
+        # what :meth:`prefetch` computed for cases still to come (kept across :meth:`reset`):
+        # (slice_id, scenario, method) -> (imputed images, row fields, seconds per row);
+        # (slice_id, inputs, target, seed) -> imputed slice
+        self._rows: dict[tuple[str, str, str], tuple[dict[str, np.ndarray], dict[str, Any], float]] = {}
+        self._chains: dict[tuple[str, tuple[str, ...], str, int], np.ndarray] = {}
 
     # -- caches --------------------------------------------------------------------------------
 
@@ -616,18 +632,106 @@ class ModelEvaluator:
     def _tensors(self, case: EvalCase, mods: Sequence[str]) -> dict[str, torch.Tensor]:
         return {m: torch.from_numpy(case.image(m)) for m in mods}
 
-    def _understand(self, case: EvalCase, ctx: Context) -> dict[str, Any]:
-        """Closed-set prediction, then the generated answer (``ctx`` is consumed)."""
-        closed = self.closed_set(ctx)
+    @staticmethod
+    def _understanding_fields(case: EvalCase, scores: Mapping[str, float], ans: Answer | None) -> dict[str, Any]:
+        """Row fields of the closed-set ``scores`` (argmax class) and the generated answer (None: not asked)."""
+        closed = max(scores, key=lambda c: scores[c])
         row: dict[str, Any] = {"pred_closed": closed, "top1_closed": _hit(closed, case)}
-        if self.settings.answer_tokens > 0:
-            ans = generate_answer(self.engine, ctx, templates.both_question(), self.settings.answer_tokens)
+        if ans is not None:
             pred = extract_diagnosis(ans.diagnosis) or extract_diagnosis(ans.text)
             row.update(pred_text=pred or "", top1=_hit(pred, case), impression=ans.impression, answer=ans.text,
                        rouge1=rouge1_f(case.impression, ans.impression) if case.impression else math.nan)
         else:
             row.update(pred_text="", top1=math.nan, impression="", answer="", rouge1=math.nan)
         return row
+
+    def _understand(self, case: EvalCase, ctx: Context) -> dict[str, Any]:
+        """Closed-set prediction, then the generated answer (``ctx`` is consumed)."""
+        scores = diagnosis_scores(self.engine, ctx, DISEASES)
+        n = self.settings.answer_tokens
+        ans = generate_answer(self.engine, ctx, templates.both_question(), n) if n > 0 else None
+        return self._understanding_fields(case, scores, ans)
+
+    def _understand_batch(self, cache: Any, cases: Sequence[EvalCase]) -> list[dict[str, Any]]:
+        """:meth:`_understand` of rows 0..len(cases)-1 of a batched cache (consumed)."""
+        rows = list(range(len(cases)))
+        scores = diagnosis_scores_batch(self.engine, cache, rows, DISEASES)
+        n = self.settings.answer_tokens
+        answers = generate_answers(self.engine, cache, rows, templates.both_question(), n) if n > 0 else [None] * len(rows)
+        return [self._understanding_fields(c, sc, a) for c, sc, a in zip(cases, scores, answers, strict=True)]
+
+    # -- batches of cases ----------------------------------------------------------------------------
+
+    def prefetch(self, cases: Sequence[EvalCase], scenarios: Sequence[str], chains: Sequence[str] = (),
+                 seeds: Sequence[int] = (), unified: bool = True, understanding: bool = True) -> None:
+        """Compute, ``settings.batch_size`` slices at a time over batched KV caches, what
+        :meth:`unified_row`, :meth:`understanding_row` and :meth:`chain_images` then return for
+        ``cases``: the same protocol and noise seeds, equal to the one-by-one results up to float
+        rounding (tests/test_evaluate.py). No-op for ``batch_size`` 1. Rows are grouped by
+        input set and targets; ``seconds`` of a row is its share of its batch."""
+        size = self.settings.batch_size
+        if size <= 1:
+            return
+        s, eng = self.settings, self.engine
+        und: dict[tuple[str, ...], list[tuple[EvalCase, str]]] = {}
+        uni: dict[tuple[tuple[str, ...], tuple[str, ...]], list[tuple[EvalCase, str]]] = {}
+        for case in cases:
+            for sc in scenarios:
+                inputs = scenario_inputs(sc, case.present, self.known)
+                if inputs is None:
+                    continue
+                if understanding:
+                    und.setdefault(inputs, []).append((case, sc))
+                if unified:
+                    uni.setdefault((inputs, scenario_targets(inputs, case.present, self.known)), []).append((case, sc))
+        covered = {(c.slice_id, k[0], k[1][0], s.seed) for k, members in uni.items() if k[1] for c, _ in members}
+        more: dict[tuple[tuple[str, ...], str], list[tuple[EvalCase, int]]] = {}
+        for key in chains if unified else ():
+            inputs, target = parse_chain(key)
+            for case in cases:
+                if chain_applies(inputs, target, case.present, self.known):
+                    more.setdefault((inputs, target), []).extend(
+                        (case, int(seed)) for seed in seeds if (case.slice_id, inputs, target, int(seed)) not in covered)
+
+        def chunks(items: list[Any]) -> Iterator[list[Any]]:
+            for i in range(0, len(items), size):
+                yield items[i:i + size]
+
+        for inputs, members in und.items():
+            for part in chunks(members):
+                t0 = time.perf_counter()
+                batch = [c for c, _ in part]
+                enc = eng.encode(torch.from_numpy(np.stack([c.image(m) for c in batch for m in inputs])),
+                                 list(inputs) * len(batch))
+                cache = eng.model.new_batch_cache(len(batch))
+                append_images(eng, cache, list(range(len(batch))),
+                              [enc[i * len(inputs):(i + 1) * len(inputs)] for i in range(len(batch))], UNDERSTANDING_VIEWS)
+                fields = self._understand_batch(cache, batch)
+                dt = (time.perf_counter() - t0) / len(batch)
+                for (c, sc), row in zip(part, fields, strict=True):
+                    self._rows[(c.slice_id, sc, METHOD_UND)] = ({}, row, dt)
+        for (inputs, targets), members in uni.items():
+            for part in chunks(members):
+                t0 = time.perf_counter()
+                batch = [c for c, _ in part]
+                res = self._impute([(c, s.seed) for c in batch], inputs, list(targets))
+                fields = self._understand_batch(res.contexts.cond, batch)
+                dt = (time.perf_counter() - t0) / len(batch)
+                for i, ((c, sc), row) in enumerate(zip(part, fields, strict=True)):
+                    self._rows[(c.slice_id, sc, METHOD_UNIFIED)] = ({t: res.images[t][i].numpy() for t in targets}, row, dt)
+        for (inputs, target), members in more.items():
+            for part in chunks(members):
+                res = self._impute(part, inputs, [target])
+                for i, (c, seed) in enumerate(part):
+                    self._chains[(c.slice_id, inputs, target, seed)] = res.images[target][i].numpy()
+
+    def _impute(self, rows: Sequence[tuple[EvalCase, int]], inputs: tuple[str, ...], targets: list[str]):
+        """:func:`impute_chains` of (case, seed) rows from the cases' real ``inputs``."""
+        s = self.settings
+        return impute_chains(
+            self.engine, {m: torch.from_numpy(np.stack([c.image(m) for c, _ in rows])) for m in inputs}, targets,
+            [seed for _, seed in rows], thinking_tokens=s.thinking_tokens,
+            brain=torch.from_numpy(np.stack([c.input_brain(inputs) for c, _ in rows]).astype(np.float32)), steps=s.steps)
 
     def unified_row(self, case: EvalCase, scenario: str) -> dict[str, Any] | None:
         """Table 1, UniBrain: inputs, imputed chain with thinking, answer. None outside the cohort."""
@@ -636,19 +740,25 @@ class ModelEvaluator:
             return None
         targets = scenario_targets(inputs, case.present, self.known)
         s = self.settings
-        t0 = time.perf_counter()
-        res = impute_chain(self.engine, self._tensors(case, inputs), list(targets), s.seed,
-                           thinking_tokens=s.thinking_tokens, answer_tokens=0,
-                           brain=torch.from_numpy(case.input_brain(inputs).astype(np.float32)),
-                           start=self.start(case, inputs), steps=s.steps)
+        pre = self._rows.pop((case.slice_id, scenario, METHOD_UNIFIED), None)
+        if pre is None:
+            t0 = time.perf_counter()
+            res = impute_chain(self.engine, self._tensors(case, inputs), list(targets), s.seed,
+                               thinking_tokens=s.thinking_tokens, answer_tokens=0,
+                               brain=torch.from_numpy(case.input_brain(inputs).astype(np.float32)),
+                               start=self.start(case, inputs), steps=s.steps)
+            images = {t: res.images[t].numpy() for t in targets}
+            row = self._understand(case, res.contexts.cond)
+            seconds = time.perf_counter() - t0
+        else:
+            images, row, seconds = pre
+            self._bind(case)
         if targets:
-            self.memo.setdefault((inputs, targets[0], s.seed), res.images[targets[0]].numpy())
-        row = self._understand(case, res.contexts.cond)
-        row.update(method=METHOD_UNIFIED, inputs="|".join(inputs), imputed="|".join(targets),
-                   seconds=time.perf_counter() - t0)
+            self.memo.setdefault((inputs, targets[0], s.seed), images[targets[0]])
+        row.update(method=METHOD_UNIFIED, inputs="|".join(inputs), imputed="|".join(targets), seconds=seconds)
         if s.convention == "paper":  # the authors score the last target of the chain
             for t in scored_targets(targets, "paper"):
-                scores = paper_image_scores(prediction_uint8([res.images[t].numpy()]), reference_uint8(case.image(t)))
+                scores = paper_image_scores(prediction_uint8([images[t]]), reference_uint8(case.image(t)))
                 row.update(scored_target=t, **scores)
         return row
 
@@ -657,9 +767,14 @@ class ModelEvaluator:
         inputs = scenario_inputs(scenario, case.present, self.known)
         if inputs is None:
             return None
-        t0 = time.perf_counter()
-        row = self._understand(case, self.context(case, inputs, UNDERSTANDING_VIEWS))
-        row.update(method=METHOD_UND, inputs="|".join(inputs), imputed="", seconds=time.perf_counter() - t0)
+        pre = self._rows.pop((case.slice_id, scenario, METHOD_UND), None)
+        if pre is None:
+            t0 = time.perf_counter()
+            row = self._understand(case, self.context(case, inputs, UNDERSTANDING_VIEWS))
+            seconds = time.perf_counter() - t0
+        else:
+            _, row, seconds = pre
+        row.update(method=METHOD_UND, inputs="|".join(inputs), imputed="", seconds=seconds)
         return row
 
     def chain_images(self, case: EvalCase, inputs: tuple[str, ...], target: str, seeds: Sequence[int]) -> list[np.ndarray]:
@@ -669,6 +784,9 @@ class ModelEvaluator:
         out = []
         for seed in seeds:
             key = (inputs, target, int(seed))
+            pre = self._chains.pop((case.slice_id, inputs, target, int(seed)), None)
+            if pre is not None:
+                self.memo.setdefault(key, pre)
             if key not in self.memo:
                 res = impute_chain(self.engine, self._tensors(case, inputs), [target], int(seed),
                                    thinking_tokens=s.thinking_tokens, answer_tokens=0,
@@ -736,8 +854,14 @@ def evaluate_pass(
     conv = ev.settings.convention
     seeds = [ev.settings.seed + j for j in range(ensemble)]
     parsed = [(key, *parse_chain(key)) for key in chains]
-    for case in cases:
-        t0 = time.perf_counter()
+    step = max(1, ev.settings.batch_size)
+    shared = 0.0  # per case, its share of the batch computed ahead
+    for i, case in enumerate(cases):
+        if i % step == 0:  # the next batch of cases, computed together (no-op one by one)
+            t0 = time.perf_counter()
+            ev.prefetch(cases[i:i + step], scenarios, chains, seeds, unified, understanding)
+            shared = (time.perf_counter() - t0) / len(cases[i:i + step])
+        t0 = time.perf_counter() - shared
         ev.reset()
         for sc in scenarios:
             for want, fn in ((understanding, ev.understanding_row), (unified, ev.unified_row)):
@@ -1006,6 +1130,7 @@ def evaluate(
     convention: str | None = None,
     protocol: str = "native",
     base: str | Path | None = None,
+    batch_size: int | None = None,
 ) -> EvalResult:
     """Evaluate a checkpoint on a SLICES folder like the paper's Tables 1-3 (module docstring);
     ``convention`` ``"ours"`` or ``"paper"`` (the authors' metric rules, :data:`CONVENTION_RULES`;
@@ -1014,9 +1139,14 @@ def evaluate(
     ``protocol`` ``native`` | ``released`` | ``auto`` (:func:`~unibrain_cli.released.folder.choose_protocol`;
     ``base`` = ``--base``): ``released`` runs :func:`~unibrain_cli.released.evaluate.evaluate_released`
     (token bounds None = the authors' 800 / 512). ``ablation`` is native only. Token bounds None =
-    :data:`DEFAULT_THINKING_TOKENS` / :data:`DEFAULT_ANSWER_TOKENS` for ``native``.
+    :data:`DEFAULT_THINKING_TOKENS` / :data:`DEFAULT_ANSWER_TOKENS` for ``native``. ``batch_size``
+    (native only; None = :data:`DEFAULT_BATCH_SIZE`): slices generated together
+    (:meth:`ModelEvaluator.prefetch`).
     """
     if choose_evaluation_protocol(protocol, ckpt, base, ablation) == "released":
+        if batch_size is not None:
+            raise UserError("the released protocol runs one slice at a time, as the authors' code does; drop "
+                            "--batch-size or use --protocol native", "--batch-size")
         if cfg_img_scale is not None:
             raise UserError("the released protocol's guidance is fixed (text 3, image 1.2); drop --cfg-img-scale "
                             "or use --protocol native", "--cfg-img-scale")
@@ -1032,6 +1162,9 @@ def evaluate(
             convention="paper" if convention is None else convention)
     thinking_tokens = DEFAULT_THINKING_TOKENS if thinking_tokens is None else thinking_tokens
     answer_tokens = DEFAULT_ANSWER_TOKENS if answer_tokens is None else answer_tokens
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    if batch_size < 1:
+        raise UserError(f"must be at least 1, got {batch_size}", "--batch-size")
     convention = "ours" if convention is None else convention
     t_start = time.perf_counter()
     scen = parse_scenarios(scenarios)
@@ -1052,7 +1185,7 @@ def evaluate(
 
     bundle = _load(variants["full"], device, size, data, cfg_img_scale)
     recipe = bundle.recipe
-    settings = Settings(thinking_tokens, answer_tokens, steps, seed, convention)
+    settings = Settings(thinking_tokens, answer_tokens, steps, seed, convention, batch_size)
     main_ev = ModelEvaluator(bundle, settings)
     with _progress(progress) as bar:
         task = bar.add_task("evaluate", total=len(cases)) if bar is not None else None
@@ -1118,7 +1251,7 @@ def evaluate(
         "cases": len(cases), "case_ids": [c.case_id for c in cases],
         "scenarios": list(scen), "chains": list(chains), "ensemble": ensemble, "baselines": list(names),
         "seed": seed, "device": device, "thinking_tokens": thinking_tokens, "answer_tokens": answer_tokens,
-        "sample_steps": steps or recipe.flow.sample_steps, "cfg_img_scale": recipe.flow.cfg_img_scale,
+        "batch_size": batch_size, "sample_steps": steps or recipe.flow.sample_steps, "cfg_img_scale": recipe.flow.cfg_img_scale,
         "cfg_text_scale": recipe.flow.cfg_text_scale, "unet_steps": unet_steps if base.unets else None,
         "bootstrap": n_boot, "ratescore": rate_note, "convention": conv,
         "cohorts": {

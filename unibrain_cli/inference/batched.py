@@ -25,7 +25,19 @@ from torch import Tensor
 from unibrain_cli.data import templates
 from unibrain_cli.flow.sampler import cfg_active, sample
 from unibrain_cli.inference.blocks import EncodedImage, ImageView, add_image, modality_slot
-from unibrain_cli.inference.engine import INPUT_VIEWS, Context, Engine, chain_seed_generator
+from unibrain_cli.inference.engine import (
+    INPUT_VIEWS,
+    Answer,
+    Context,
+    Engine,
+    answer_prompt,
+    chain_seed_generator,
+    diagnosis_candidates,
+    diagnosis_prompt,
+    diagnosis_tokens,
+    forced_answer,
+    parse_first_answer,
+)
 from unibrain_cli.model.batch_cache import BatchKVCache, BatchStep
 from unibrain_cli.model.packing import PackedSequence
 
@@ -91,18 +103,24 @@ def append_images(engine: Engine, cache: BatchKVCache | None, rows: Sequence[int
 
 
 @torch.no_grad()
-def generate_batch(engine: Engine, cache: BatchKVCache, rows: Sequence[int], prompt_ids: Sequence[int],
-                   max_new_tokens: int) -> list[list[int]]:
-    """Greedy decoding for every row after the same prompt, as :meth:`Engine.generate` does per row.
+def generate_batch(engine: Engine, cache: BatchKVCache, rows: Sequence[int],
+                   prompt_ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy decoding for every row after its prompt, as :meth:`Engine.generate` does per row.
 
-    The prompt and each row's generated tokens are appended to its cache; a row cut by the bound
-    is closed with an eos. Returns per row the generated ids (eos included when generated).
+    ``prompt_ids``: one prompt for every row, or one per row. The prompt and each row's generated
+    tokens are appended to its cache; a row cut by the bound is closed with an eos. Returns per
+    row the generated ids (eos included when generated).
     """
     model, eos = engine.model, engine.tokenizer.eos_id
     rows = [int(r) for r in rows]
+    if not rows:
+        return []
+    shared = not prompt_ids or not isinstance(prompt_ids[0], (list, tuple))
+    prompts = [list(prompt_ids)] * len(rows) if shared else [list(p) for p in prompt_ids]  # type: ignore[arg-type]
+    if len(prompts) != len(rows):
+        raise ValueError(f"{len(prompts)} prompts for {len(rows)} rows")
     new: dict[int, list[int]] = {r: [] for r in rows}
-    out = model.forward_batch(_build(engine, [[list(prompt_ids)]] * len(rows)), cache, rows, update=True,
-                              logits_at="last")
+    out = model.forward_batch(_build(engine, [[p] for p in prompts]), cache, rows, update=True, logits_at="last")
     active, logits = rows, out.logits
     for step in range(max_new_tokens):
         assert logits is not None
@@ -231,6 +249,65 @@ def impute_chains(
             thinking[b][target] = engine.decode_text([i for i in thoughts[b] if i != tok.eos_id])
         known.append(target)
     return BatchChainResult(images, thinking, ctx)
+
+
+@torch.no_grad()
+def score_batch(engine: Engine, cache: BatchKVCache, rows: Sequence[int], prompt_ids: Sequence[int],
+                candidates: Sequence[Sequence[int]]) -> Tensor:
+    """Summed log-probabilities [len(rows), len(candidates)] of each candidate after each row's context
+    + ``prompt_ids``, as :meth:`Engine.score` gives per row (the cache is not modified): one
+    forward per candidate for all rows."""
+    rows = [int(r) for r in rows]
+    out = torch.zeros(len(rows), len(candidates))
+    if not rows:
+        return out
+    for j, cand in enumerate(candidates):
+        b = engine.builder()
+        for _ in rows:
+            b.add_text(list(prompt_ids))
+            b.add_text(list(cand), loss=True)
+            b.next_sample()
+        block = b.build(engine.model.device)
+        res = engine.model.forward_batch(block, cache, rows, update=False, logits_at="loss")
+        assert res.logits is not None
+        logp = torch.log_softmax(res.logits.float(), dim=-1).gather(1, block.ce_labels[:, None]).squeeze(1)
+        out[:, j] = logp.view(len(rows), len(cand)).sum(dim=1).cpu()
+    return out
+
+
+def diagnosis_scores_batch(engine: Engine, cache: BatchKVCache, rows: Sequence[int],
+                           classes: Sequence[str]) -> list[dict[str, float]]:
+    """:func:`~unibrain_cli.inference.engine.diagnosis_scores` of every row (cache unchanged)."""
+    prompt = [*engine.text_ids(templates.diagnosis_question()), engine.tokenizer.bos_id]
+    scores = score_batch(engine, cache, rows, prompt, diagnosis_candidates(engine, classes))
+    return [{c: float(v) for c, v in zip(classes, row.tolist(), strict=True)} for row in scores]
+
+
+@torch.no_grad()
+def generate_answers(engine: Engine, cache: BatchKVCache, rows: Sequence[int], question: str,
+                     max_tokens: int) -> list[Answer]:
+    """:func:`~unibrain_cli.inference.engine.generate_answer` for every row (the rows are consumed):
+    the question, the answer after ``[bos] "Impression:"``, and for the rows whose answer names no
+    diagnosis the second try from the question with the impression and ``Final Diagnosis:`` forced."""
+    rows = [int(r) for r in rows]
+    append_text(engine, cache, rows, [engine.text_ids(question)] * len(rows))
+    before = {r: (cache.lengths[r], cache.next_positions[r]) for r in rows}  # rows only grow: a length is a snapshot
+    first = generate_batch(engine, cache, rows, answer_prompt(engine), max_tokens)
+    answers: dict[int, Answer] = {}
+    redo: dict[int, str] = {}
+    for r, ids in zip(rows, first, strict=True):
+        answer, impression = parse_first_answer(engine, ids)
+        if answer is not None:
+            answers[r] = answer
+        else:
+            redo[r] = impression
+            cache.lengths[r], cache.next_positions[r] = before[r]
+    if redo:
+        again = generate_batch(engine, cache, list(redo), [diagnosis_prompt(engine, imp) for imp in redo.values()],
+                               diagnosis_tokens(max_tokens))
+        for (r, imp), ids in zip(redo.items(), again, strict=True):
+            answers[r] = forced_answer(engine, imp, ids)
+    return [answers[r] for r in rows]
 
 
 def row_context(cache: BatchKVCache, row: int) -> Context:

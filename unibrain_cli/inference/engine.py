@@ -416,28 +416,54 @@ def generate_modality(
     return image.float().cpu(), text
 
 
+def answer_prompt(engine: Engine) -> list[int]:
+    """The forced start of every generated answer: ``[bos] "Impression:"``."""
+    return [engine.tokenizer.bos_id, *engine.tokenizer.encode(ANSWER_PREFIX)]
+
+
+def parse_first_answer(engine: Engine, new: Sequence[int]) -> tuple[Answer | None, str]:
+    """(the answer, its impression) from the ids generated after :func:`answer_prompt`; the answer
+    is None when it names no ``Final Diagnosis:`` (the caller then asks :func:`diagnosis_prompt`)."""
+    text = ANSWER_PREFIX + engine.tokenizer.decode(list(new))
+    parsed = templates.parse_answer(text)
+    impression = parsed.impression or ""
+    if parsed.diagnosis is None:
+        return None, impression
+    return Answer(templates.format_answer("both", impression, parsed.diagnosis), impression, parsed.diagnosis), impression
+
+
+def diagnosis_prompt(engine: Engine, impression: str) -> list[int]:
+    """The second try's forced prompt: ``[bos] "Impression: <imp>\nFinal Diagnosis:"``."""
+    forced = templates.format_answer("both", impression, "").rstrip()
+    return [engine.tokenizer.bos_id, *engine.tokenizer.encode(forced)]
+
+
+def forced_answer(engine: Engine, impression: str, new: Sequence[int]) -> Answer:
+    """The answer of the second try (``new``: the ids generated after :func:`diagnosis_prompt`)."""
+    diagnosis = " ".join(engine.tokenizer.decode(list(new)).split())
+    return Answer(templates.format_answer("both", impression, diagnosis), impression, diagnosis)
+
+
+def diagnosis_tokens(max_tokens: int) -> int:
+    """Bound of the second try's generated diagnosis."""
+    return max(8, max_tokens // 4)
+
+
 def generate_answer(engine: Engine, ctx: Context, question: str, max_tokens: int) -> Answer:
     """Ask ``question``, then generate ``Impression: ...`` and ``Final Diagnosis: ...``.
 
     The answer is generated after the forced prefix ``[bos] "Impression:"``. When the model
     does not produce ``Final Diagnosis:`` by itself, the answer is re-run from the question with
-    the generated impression and ``"\\nFinal Diagnosis:"`` forced, and the diagnosis generated.
+    the generated impression and ``"\nFinal Diagnosis:"`` forced, and the diagnosis generated.
     """
     engine.add_text(ctx, question)
-    tok = engine.tokenizer
     before = ctx.fork()
-    prefix = [tok.bos_id, *tok.encode(ANSWER_PREFIX)]
-    new = engine.generate(ctx, prefix, max_tokens)
-    text = ANSWER_PREFIX + tok.decode(new)
-    parsed = templates.parse_answer(text)
-    impression = parsed.impression or ""
-    if parsed.diagnosis is not None:
-        return Answer(templates.format_answer("both", impression, parsed.diagnosis), impression, parsed.diagnosis)
+    answer, impression = parse_first_answer(engine, engine.generate(ctx, answer_prompt(engine), max_tokens))
+    if answer is not None:
+        return answer
     ctx.cache, ctx.segments = before.cache, before.segments
-    forced = templates.format_answer("both", impression, "").rstrip()  # "Impression: <imp>\nFinal Diagnosis:"
-    new = engine.generate(ctx, [tok.bos_id, *tok.encode(forced)], max(8, max_tokens // 4))
-    diagnosis = " ".join(tok.decode(new).split())
-    return Answer(templates.format_answer("both", impression, diagnosis), impression, diagnosis)
+    return forced_answer(engine, impression,
+                         engine.generate(ctx, diagnosis_prompt(engine, impression), diagnosis_tokens(max_tokens)))
 
 
 def impute_chain(
@@ -481,20 +507,24 @@ def impute_chain(
     return ChainResult(images, thinking, answer, ctx)
 
 
+def diagnosis_candidates(engine: Engine, classes: Sequence[str]) -> list[list[int]]:
+    """Per class, the scored answer ids: ``"Final Diagnosis: <templates.diagnosis_phrase([c])>"`` + eos."""
+    tok = engine.tokenizer
+    return [[*tok.encode(templates.format_answer("diagnosis", diagnosis=templates.diagnosis_phrase([c]))), tok.eos_id]
+            for c in classes]
+
+
 def diagnosis_scores(engine: Engine, ctx: Context, classes: Sequence[str]) -> dict[str, float]:
     """Closed-set diagnosis: summed log-likelihood of each class's answer after the diagnosis question.
 
-    The answer of class c is ``"Final Diagnosis: <templates.diagnosis_phrase([c])>"`` + eos, scored
-    after ``ctx`` + the question + bos. ``ctx`` is not modified. Returns class -> log-likelihood.
+    The answers are :func:`diagnosis_candidates`, scored after ``ctx`` + the question + bos.
+    ``ctx`` is not modified. Returns class -> log-likelihood.
     """
     q = ctx.fork()
     engine.add_text(q, templates.diagnosis_question())
-    tok = engine.tokenizer
-    out = {}
-    for c in classes:
-        answer = templates.format_answer("diagnosis", diagnosis=templates.diagnosis_phrase([c]))
-        out[c] = float(engine.score(q, [tok.bos_id], [*tok.encode(answer), tok.eos_id]).sum())
-    return out
+    bos = engine.tokenizer.bos_id
+    return {c: float(engine.score(q, [bos], ids).sum())
+            for c, ids in zip(classes, diagnosis_candidates(engine, classes), strict=True)}
 
 
 def softmax_scores(scores: Mapping[str, float]) -> dict[str, float]:
