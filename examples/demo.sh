@@ -32,7 +32,11 @@ m = m[(m.split == "test") & m.modalities.str.contains("t1") & m.modalities.str.c
 print(m.case_id.iloc[0])
 PYEOF
 )
-$UB impute --have "t1=$D/prepared/cases/$CASE/t1.nii.gz" --want t2,flair --ckpt "$D/run" --out "$D/imputed/$CASE"
+# 48 slices per batch (default 16): the small model's generation is 1.3x faster this way on 2 cores
+# (AMD EPYC: 110 s vs 145 s for this case; the same volumes to 1e-6; README)
+$UB impute --have "t1=$D/prepared/cases/$CASE/t1.nii.gz" --want t2,flair --ckpt "$D/run" --out "$D/imputed/$CASE" \
+  --batch-size 48
 stamp "6/6 evaluate: Tables 1 and 2 on the test split, with the copy-nearest baseline"
-$UB evaluate --ckpt "$D/run" --data "$D/slices" --split test --scenario all --chain --baselines copy --out "$D/eval"
+$UB evaluate --ckpt "$D/run" --data "$D/slices" --split test --scenario all --chain --baselines copy --out "$D/eval" \
+  --batch-size 48
 stamp "demo done: tables in $D/eval/tables.md, figures in $D/eval/*.png, imputed volumes in $D/imputed/$CASE"
