@@ -160,7 +160,7 @@ def test_batched_greedy_text_rows_stop_at_their_own_eos(bundle):
     eng.tokenizer = _EosAt(bundle.tokenizer, eos)
     singles, batch = [], BatchKVCache(model.num_layers, 3)
     append_text(eng, batch, [0, 1, 2], prompts)
-    got = generate_batch(eng, batch, [0, 1, 2], [eng.tokenizer.bos_id], 10)
+    got = generate_batch(eng, batch, [0, 1, 2], [[eng.tokenizer.bos_id]] * 3, 10)
     for r, p in enumerate(prompts):
         c = Context(model.new_cache())
         eng.add_ids(c, p)

@@ -523,6 +523,11 @@ class Settings:
     batch_size: int = 1
 
 
+def _argmax_class(scores: Mapping[str, float]) -> str:
+    """The closed-set prediction: the class of the highest score (ties: the first in order)."""
+    return max(scores, key=lambda c: scores[c])
+
+
 def _hit(pred: str | None, case: EvalCase) -> float:
     """1/0 Top-1 hit, NaN for a case without a disease label."""
     if not case.diseases:
@@ -626,8 +631,7 @@ class ModelEvaluator:
 
     def closed_set(self, ctx: Context) -> str:
         """Argmax class of :func:`diagnosis_scores` (``ctx`` unchanged)."""
-        scores = diagnosis_scores(self.engine, ctx, DISEASES)
-        return max(scores, key=lambda c: scores[c])
+        return _argmax_class(diagnosis_scores(self.engine, ctx, DISEASES))
 
     def _tensors(self, case: EvalCase, mods: Sequence[str]) -> dict[str, torch.Tensor]:
         return {m: torch.from_numpy(case.image(m)) for m in mods}
@@ -635,7 +639,7 @@ class ModelEvaluator:
     @staticmethod
     def _understanding_fields(case: EvalCase, scores: Mapping[str, float], ans: Answer | None) -> dict[str, Any]:
         """Row fields of the closed-set ``scores`` (argmax class) and the generated answer (None: not asked)."""
-        closed = max(scores, key=lambda c: scores[c])
+        closed = _argmax_class(scores)
         row: dict[str, Any] = {"pred_closed": closed, "top1_closed": _hit(closed, case)}
         if ans is not None:
             pred = extract_diagnosis(ans.diagnosis) or extract_diagnosis(ans.text)

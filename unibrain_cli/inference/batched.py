@@ -103,24 +103,23 @@ def append_images(engine: Engine, cache: BatchKVCache | None, rows: Sequence[int
 
 
 @torch.no_grad()
-def generate_batch(engine: Engine, cache: BatchKVCache, rows: Sequence[int],
-                   prompt_ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy decoding for every row after its prompt, as :meth:`Engine.generate` does per row.
+def generate_batch(engine: Engine, cache: BatchKVCache, rows: Sequence[int], prompts: Sequence[Sequence[int]],
+                   max_new_tokens: int) -> list[list[int]]:
+    """Greedy decoding for every row after its own prompt (``prompts[i]`` for ``rows[i]``), as
+    :meth:`Engine.generate` does per row.
 
-    ``prompt_ids``: one prompt for every row, or one per row. The prompt and each row's generated
-    tokens are appended to its cache; a row cut by the bound is closed with an eos. Returns per
-    row the generated ids (eos included when generated).
+    The prompt and each row's generated tokens are appended to its cache; a row cut by the bound
+    is closed with an eos. Returns per row the generated ids (eos included when generated).
     """
     model, eos = engine.model, engine.tokenizer.eos_id
     rows = [int(r) for r in rows]
-    if not rows:
-        return []
-    shared = not prompt_ids or not isinstance(prompt_ids[0], (list, tuple))
-    prompts = [list(prompt_ids)] * len(rows) if shared else [list(p) for p in prompt_ids]  # type: ignore[arg-type]
     if len(prompts) != len(rows):
         raise ValueError(f"{len(prompts)} prompts for {len(rows)} rows")
+    if not rows:
+        return []
     new: dict[int, list[int]] = {r: [] for r in rows}
-    out = model.forward_batch(_build(engine, [[p] for p in prompts]), cache, rows, update=True, logits_at="last")
+    out = model.forward_batch(_build(engine, [[list(p)] for p in prompts]), cache, rows, update=True,
+                              logits_at="last")
     active, logits = rows, out.logits
     for step in range(max_new_tokens):
         assert logits is not None
@@ -233,7 +232,7 @@ def impute_chains(
         append_text(engine, ctx.img_uncond, rows, [instruction] * batch)
         thoughts: list[list[int]] = [[] for _ in rows]
         if thinking_tokens > 0:
-            thoughts = generate_batch(engine, ctx.cond, rows, [tok.bos_id], thinking_tokens)
+            thoughts = generate_batch(engine, ctx.cond, rows, [[tok.bos_id]] * batch, thinking_tokens)
             closed = [[tok.bos_id, *t] if t and t[-1] == tok.eos_id else [tok.bos_id, *t, tok.eos_id] for t in thoughts]
             append_text(engine, ctx.img_uncond, rows, closed)
         noise = torch.stack([engine.noise(g) for g in gens])
@@ -292,7 +291,7 @@ def generate_answers(engine: Engine, cache: BatchKVCache, rows: Sequence[int], q
     rows = [int(r) for r in rows]
     append_text(engine, cache, rows, [engine.text_ids(question)] * len(rows))
     before = {r: (cache.lengths[r], cache.next_positions[r]) for r in rows}  # rows only grow: a length is a snapshot
-    first = generate_batch(engine, cache, rows, answer_prompt(engine), max_tokens)
+    first = generate_batch(engine, cache, rows, [answer_prompt(engine)] * len(rows), max_tokens)
     answers: dict[int, Answer] = {}
     redo: dict[int, str] = {}
     for r, ids in zip(rows, first, strict=True):
