@@ -273,8 +273,10 @@ rec = {"rank": rank, "own": module.planned_passes(batch), "calls": calls, "grad"
        **{k: float(res[k].detach()) for k in ("loss", "ntp", "flow", "sa")},
        **{"ref_" + k: float(ref[k]) for k in ("loss", "ntp", "flow", "sa")}}
 (out / f"rank{rank}.json").write_text(json.dumps(rec))
-dist.barrier()  # both ranks done with every collective before either tears the group down (a rank
-dist.destroy_process_group()  # that left early once aborted its peer: "terminate called without an active exception")
+# both ranks finish every collective before either tears the group down (a rank that left early
+# once aborted its peer: "terminate called without an active exception")
+dist.barrier()
+dist.destroy_process_group()
 """
 
 

@@ -212,6 +212,36 @@ def fit_copy_nearest(slices_dir: str | Path, split: str = "train") -> CopyNeares
 # --------------------------------------------------------------------------- U-Net
 
 
+def save_net_folder(directory: str | Path, net: nn.Module, config: dict[str, Any]) -> None:
+    """A trained reference network as ``weights.safetensors`` + ``config.json`` (``config`` holds
+    its ``format``), written atomically into ``directory`` (overwrites)."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(directory, overwrite=True) as tmp:
+        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        save_file(state, str(tmp / "weights.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+
+
+def read_net_folder(directory: str | Path, fmt: str, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, state dict) of a folder written by :func:`save_net_folder`; UserError naming the
+    file when it is missing, corrupt or not of format ``fmt`` (``what``: the model, for messages)."""
+    from safetensors.torch import load_file
+
+    root = Path(directory)
+    cfg_path, w_path = root / "config.json", root / "weights.safetensors"
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise UserError(f"not a {what} folder (config.json/weights.safetensors missing)", str(root))
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"corrupt config.json ({exc})", str(cfg_path)) from exc
+    if not isinstance(raw, dict) or raw.get("format") != fmt:
+        got = raw.get("format") if isinstance(raw, dict) else None
+        raise UserError(f"unsupported {what} format {got!r}", str(cfg_path))
+    return raw, load_file(str(w_path))
+
+
 def _norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(8, ch), ch)
 
@@ -341,33 +371,16 @@ class UNetBaseline:
 
     def save(self, directory: str | Path) -> None:
         """Write ``weights.safetensors`` + ``config.json`` into ``directory`` (atomic, overwrites)."""
-        from safetensors.torch import save_file
-
-        config = {"format": UNET_FORMAT, **asdict(self.config), "meta": self.meta}
-        with atomic_dir(directory, overwrite=True) as tmp:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-            save_file(state, str(tmp / "weights.safetensors"))
-            (tmp / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+        save_net_folder(directory, self.net, {"format": UNET_FORMAT, **asdict(self.config), "meta": self.meta})
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> UNetBaseline:
         """Read a model written by :meth:`save`."""
-        from safetensors.torch import load_file
-
-        root = Path(directory)
-        cfg_path, w_path = root / "config.json", root / "weights.safetensors"
-        if not cfg_path.is_file() or not w_path.is_file():
-            raise UserError("not a U-Net baseline folder (config.json/weights.safetensors missing)", str(root))
-        try:
-            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"corrupt config.json ({exc})", str(cfg_path)) from exc
-        if raw.get("format") != UNET_FORMAT:
-            raise UserError(f"unsupported U-Net baseline format {raw.get('format')!r}", str(cfg_path))
+        raw, state = read_net_folder(directory, UNET_FORMAT, "U-Net baseline")
         config = UNetConfig(inputs=tuple(raw["inputs"]), target=raw["target"],
                             base_channels=int(raw["base_channels"]), depth=int(raw["depth"]))
         model = cls(config, meta=raw.get("meta", {}))
-        model.net.load_state_dict(load_file(str(w_path)))
+        model.net.load_state_dict(state)
         model.net.to(device)
         return model
 

@@ -51,8 +51,8 @@ from torch import nn
 
 from unibrain_cli.data.slices_data import SliceDataset
 from unibrain_cli.errors import UserError
+from unibrain_cli.evaluation.baselines import read_net_folder, save_net_folder
 from unibrain_cli.evaluation.scenarios import SCENARIOS, parse_scenarios, scenario_inputs
-from unibrain_cli.io.atomic import atomic_dir
 from unibrain_cli.modalities import DISEASES, MODALITIES
 
 CLASSIFIER_FORMAT = "unibrain-diagnosis-cnn/1"
@@ -236,33 +236,16 @@ class ClassifierReference:
 
     def save(self, directory: str | Path) -> None:
         """Write ``weights.safetensors`` + ``config.json`` into ``directory`` (atomic, overwrites)."""
-        from safetensors.torch import save_file
-
-        config = {"format": CLASSIFIER_FORMAT, **asdict(self.config), "meta": self.meta}
-        with atomic_dir(directory, overwrite=True) as tmp:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-            save_file(state, str(tmp / "weights.safetensors"))
-            (tmp / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+        save_net_folder(directory, self.net, {"format": CLASSIFIER_FORMAT, **asdict(self.config), "meta": self.meta})
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> ClassifierReference:
         """Read a model written by :meth:`save`."""
-        from safetensors.torch import load_file
-
-        root = Path(directory)
-        cfg_path, w_path = root / "config.json", root / "weights.safetensors"
-        if not cfg_path.is_file() or not w_path.is_file():
-            raise UserError("not a diagnosis classifier folder (config.json/weights.safetensors missing)", str(root))
-        try:
-            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"corrupt config.json ({exc})", str(cfg_path)) from exc
-        if raw.get("format") != CLASSIFIER_FORMAT:
-            raise UserError(f"unsupported diagnosis classifier format {raw.get('format')!r}", str(cfg_path))
+        raw, state = read_net_folder(directory, CLASSIFIER_FORMAT, "diagnosis classifier")
         config = ClassifierConfig(scenario=str(raw["scenario"]), classes=tuple(raw["classes"]),
                                   widths=tuple(int(w) for w in raw["widths"]), stem_stride=int(raw["stem_stride"]))
         model = cls(config, meta=raw.get("meta", {}))
-        model.net.load_state_dict(load_file(str(w_path)))
+        model.net.load_state_dict(state)
         model.net.to(device).eval()
         return model
 
