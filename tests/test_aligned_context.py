@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from unibrain_cli.config.components import ModelConfig
@@ -13,6 +14,7 @@ from unibrain_cli.model.packing import PackedSequence
 
 CFG = ModelConfig()
 ON = replace(CFG, aligned_context="on")
+GAIN = replace(ON, aligned_gain=10.0)  # the path's output ten times the projection's
 D = 16  # latent_patch_size**2 * vae.z_channels of the default config
 GRID = (3, 2)
 T1, T2, FLAIR = (MODALITIES.index(m) for m in ("t1", "t2", "flair"))
@@ -72,12 +74,13 @@ def test_stack_holds_exactly_the_earlier_images_of_the_same_sample():
     assert not a_other.any() and not b_other.any()  # own slot, later images, other sample: empty
 
 
-def test_an_earlier_context_image_changes_the_target_through_the_aligned_path():
-    on = _model(ON)
+@pytest.mark.parametrize("cfg", [ON, GAIN], ids=["gain1", "gain10"])
+def test_an_earlier_context_image_changes_the_target_through_the_aligned_path(cfg):
+    on = _model(cfg)
     changed = {**LATS, "a_t1": LATS["a_t1"] + 1.0}
     assert not torch.allclose(_velocity(on, LATS)[:6], _velocity(on, changed)[:6])
     # the aligned path alone: same weights with the path's output removed
-    off = _model(ON)
+    off = _model(cfg)
     off.set_aligned_context("off")
     off.config = CFG
     delta_on = _velocity(on, changed)[:6] - _velocity(on, LATS)[:6]
@@ -85,8 +88,9 @@ def test_an_earlier_context_image_changes_the_target_through_the_aligned_path():
     assert not torch.allclose(delta_on, delta_off, atol=1e-6)
 
 
-def test_own_ground_truth_later_images_and_other_samples_never_reach_the_target():
-    m = _model(ON)
+@pytest.mark.parametrize("cfg", [ON, GAIN], ids=["gain1", "gain10"])
+def test_own_ground_truth_later_images_and_other_samples_never_reach_the_target(cfg):
+    m = _model(cfg)
     base = _velocity(m, LATS)
     for key in ("a_t2", "a_flair", "b_flair"):
         moved = _velocity(m, {**LATS, key: LATS[key] * -3.0 + 2.0})
@@ -118,8 +122,9 @@ def test_off_is_bit_identical_and_on_starts_as_off():
     assert torch.equal(_velocity(off, LATS), _velocity(on, LATS))
 
 
-def test_cached_query_sees_the_cached_images_and_equals_the_packed_forward():
-    m = _model(ON)
+@pytest.mark.parametrize("cfg", [ON, GAIN], ids=["gain1", "gain10"])
+def test_cached_query_sees_the_cached_images_and_equals_the_packed_forward(cfg):
+    m = _model(cfg)
     full = m.builder(image_markers=(1, 2))
     full.add_vae_image(GRID, latents=LATS["a_t1"], modality=T1)
     full.add_text([5, 6, 7])
@@ -171,9 +176,56 @@ def test_window_stacks_each_positions_neighbourhood_zero_beyond_the_grid():
 
 
 def test_window_must_be_odd():
-    import pytest
-
     from unibrain_cli.config.validate import validate_model_config
 
     with pytest.raises(ValueError, match="aligned_window"):
         validate_model_config(replace(ON, aligned_window=2))
+
+
+def test_an_untrained_path_takes_the_recipes_layout_and_a_trained_one_is_kept_or_refused():
+    """After ``sa`` (which never trains the aligned path) a run may change its window or gain; a
+    trained path of another layout would lose or rescale its weights, so it is refused."""
+    torch.manual_seed(0)
+    m = UniBrainModel(ON).eval()
+    base = _velocity(m, LATS)
+    m.set_aligned_context("on", window=3, gain=10.0)
+    assert m.aligned_context is not None and (m.aligned_context.window, m.aligned_context.gain) == (3, 10.0)
+    assert torch.equal(_velocity(m, LATS), base)  # still zero-initialised: same outputs
+    trained = _model(ON)
+    kept = trained.aligned_context
+    trained.set_aligned_context("on", window=1, gain=1.0)
+    assert trained.aligned_context is kept
+    with pytest.raises(ValueError, match="is trained"):
+        trained.set_aligned_context("on", window=3, gain=1.0)
+
+
+def test_gain_scales_the_paths_output_and_is_part_of_its_layout():
+    """aligned_gain k: the path's output is k times the projection's (so the velocity equals a gain-1
+    model's whose projection is k times larger); a trained path keeps its gain."""
+    m1 = _model(ON)
+    m10 = _model(replace(ON, aligned_gain=10.0))
+    assert m10.aligned_context is not None and m10.aligned_context.gain == 10.0
+    pack = _pack(m1, LATS)
+    torch.testing.assert_close(m10.aligned_context(pack), 10 * m1.aligned_context(pack))
+    with torch.no_grad():
+        m1.aligned_context.weight.mul_(10)
+        m1.aligned_context.bias.mul_(10)
+    torch.testing.assert_close(_velocity(m10, LATS), _velocity(m1, LATS), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="is trained"):
+        m10.set_aligned_context("on", window=1, gain=1.0)
+    from unibrain_cli.config.validate import validate_model_config
+
+    with pytest.raises(ValueError, match="aligned_gain"):
+        validate_model_config(replace(ON, aligned_gain=0.0))
+
+
+def test_adopting_a_trained_path_of_another_gain_is_one_user_error():
+    """A run whose recipe changes the gain of a trained path (e.g. resuming ``dhs`` with another
+    ``model.aligned_gain``) stops with one line saying which knobs to keep; an untrained one adopts it."""
+    from unibrain_cli.errors import UserError
+    from unibrain_cli.training.model_init import adopt_config
+
+    with pytest.raises(UserError, match="aligned_gain"):
+        adopt_config(_model(ON), GAIN)
+    fresh = adopt_config(_model(ON, trained=False), GAIN)
+    assert fresh.aligned_context is not None and fresh.aligned_context.gain == 10.0 and fresh.config == GAIN

@@ -115,6 +115,8 @@ class ModelConfig:
     aligned_context: Literal["off", "on"] = "off"
     # odd side of the context neighbourhood the aligned path stacks per slot (1 = same position)
     aligned_window: int = 1
+    # fixed factor on the aligned path's output: under Adam a k-fold faster-growing path (model/aligned.py)
+    aligned_gain: float = 1.0
     attention_backend: AttentionBackend = "auto"
     tokenizer: Literal["bpe", "qwen2"] = "bpe"
     tokenizer_path: str = ""  # qwen2: local folder with tokenizer files

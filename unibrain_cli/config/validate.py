@@ -60,6 +60,8 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "") -> None:
         raise ValueError(f"{p}aligned_context={cfg.aligned_context!r} must be 'off' (BAGEL) or 'on'")
     if cfg.aligned_window < 1 or cfg.aligned_window % 2 == 0:
         raise ValueError(f"{p}aligned_window={cfg.aligned_window} must be a positive odd number")
+    if not cfg.aligned_gain > 0:
+        raise ValueError(f"{p}aligned_gain={cfg.aligned_gain} must be > 0 (1: the plain projection)")
     if cfg.image_rope == "2d" and cfg.llm.head_dim < 16:
         raise ValueError(f"{p}image_rope='2d' needs llm.head_dim >= 16, got {cfg.llm.head_dim}")
     if cfg.attention_backend not in CONFIG_BACKENDS:

@@ -102,7 +102,8 @@ class UniBrainModel(nn.Module):
         self.latent_pos_embed = PositionEmbedding(cfg.max_latent_size, hidden)
         self.aligned_context: AlignedContext | None = None
         if cfg.aligned_context == "on":
-            self.aligned_context = AlignedContext(len(MODALITIES), latent_dim(cfg), hidden, cfg.aligned_window)
+            self.aligned_context = AlignedContext(len(MODALITIES), latent_dim(cfg), hidden, cfg.aligned_window,
+                                                  cfg.aligned_gain)
         self.language_model.model.activation_checkpointing = cfg.activation_checkpointing
         self.reset_parameters()
 
@@ -136,18 +137,28 @@ class UniBrainModel(nn.Module):
             self.aligned_context.reset_parameters()
         self.language_model.init_generation_expert()
 
-    def set_aligned_context(self, mode: str) -> None:
+    def set_aligned_context(self, mode: str, window: int | None = None, gain: float | None = None) -> None:
         """Switch ``model.aligned_context`` on a built model: ``"on"`` adds a zero-initialised
-        :class:`AlignedContext` when there is none (e.g. after loading a BAGEL folder: outputs are
-        unchanged until it is trained), ``"off"`` removes it."""
-        if mode == "on" and self.aligned_context is None:
+        :class:`AlignedContext` of the given layout (``window`` / ``gain``, default: this
+        model's config) when there is none (e.g. after loading a BAGEL folder: outputs are
+        unchanged until it is trained), or replaces one of another layout whose projection is still
+        all zeros (e.g. the ``sa`` stage's, which never trains it); ``"off"`` removes it. A trained
+        path of another layout is refused (ValueError): its weights would be dropped or rescaled."""
+        window = self.config.aligned_window if window is None else window
+        gain = self.config.aligned_gain if gain is None else gain
+        current = self.aligned_context
+        if mode == "on":
+            if current is not None and (current.window, current.gain) == (window, float(gain)):
+                return
+            if current is not None and (current.weight.any() or current.bias.any()):
+                raise ValueError(f"the loaded aligned path (window {current.window}, gain {current.gain:g}) is "
+                                 f"trained; it cannot become window {window}, gain {gain:g}")
             p = self.vae2llm.weight
-            module = AlignedContext(len(MODALITIES), self.latent_dim, self.config.llm.hidden_size,
-                                    self.config.aligned_window)
+            module = AlignedContext(len(MODALITIES), self.latent_dim, self.config.llm.hidden_size, window, gain)
             self.aligned_context = module.to(device=p.device, dtype=p.dtype)
         elif mode == "off":
             self.aligned_context = None
-        elif mode != "on":
+        else:
             raise ValueError(f"aligned_context must be 'off' or 'on', got {mode!r}")
 
     @torch.no_grad()

@@ -138,7 +138,11 @@ def adopt_config(model: UniBrainModel, cfg: ModelConfig) -> UniBrainModel:
     """Give a loaded model the run's config (same layout; runtime fields and vae factors from ``cfg``;
     ``aligned_context = "on"`` adds the zero-initialised aligned path to a model without it, e.g. a
     BAGEL-7B-MoT folder)."""
-    model.set_aligned_context(cfg.aligned_context)
+    try:
+        model.set_aligned_context(cfg.aligned_context, cfg.aligned_window, cfg.aligned_gain)
+    except ValueError as exc:
+        raise UserError(f"{exc}: use the checkpoint's model.aligned_window / aligned_gain, "
+                        "or start from an earlier stage") from exc
     model.config = cfg
     model.language_model.model.activation_checkpointing = cfg.activation_checkpointing
     return model
