@@ -27,6 +27,10 @@ def evaluate(
                                   "(released: copy,unet)."),
     unet_steps: int = typer.Option(200, "--unet-steps", min=1, help="Training steps of each chain U-Net."),
     max_cases: int = typer.Option(0, "--max-cases", min=0, help="Evaluate a seeded subset of N cases (0 = all)."),
+    eval_slices: str = typer.Option("eval", "--eval-slices", help="Slices scored per case: eval (the case's eval "
+                                    "slice; the default) or all (every stored slice of the case; a case's score is "
+                                    "the mean over its slices, n and the bootstrap stay per case; native protocol "
+                                    "with --convention ours only)."),
     thinking_tokens: int | None = typer.Option(None, "--thinking-tokens", min=0, help="Bound on each thinking "
                                                "text (default 48; released: their max_length, default 800)."),
     answer_tokens: int | None = typer.Option(None, "--answer-tokens", min=0, help="Bound on the generated answer "
@@ -59,7 +63,7 @@ def evaluate(
     from rich.markup import escape
     from rich.text import Text
 
-    from unibrain_cli.evaluation.runner import convention_line, to_rich
+    from unibrain_cli.evaluation.runner import convention_line, eval_slices_line, to_rich
     from unibrain_cli.evaluation.runner import evaluate as run_evaluate
 
     result = run_evaluate(ckpt, data, out_dir, split=split, scenarios=scenario, chain=chain, ensemble=ensemble,
@@ -68,14 +72,18 @@ def evaluate(
                           progress=not STATE.quiet, force=force, thinking_tokens=thinking_tokens,
                           answer_tokens=answer_tokens, cfg_img_scale=cfg_img_scale,
                           convention=convention.lower() if convention is not None else None, protocol=protocol,
-                          base=base, batch_size=batch_size)
+                          base=base, batch_size=batch_size, eval_slices=eval_slices.lower())
     for table in result.tables.values():
         print_table(to_rich(table))
     print_table(Text(convention_line(result.summary["convention"])))
+    all_slices = result.summary.get("eval_slices") == "all"  # the released protocol's summary has no such key
+    if all_slices:
+        print_table(Text(eval_slices_line(result.summary["slices"], result.summary["cases"])))
     for line in result.summary["convention"].get("differences", []):
         out(f"  differs from the authors' protocol: {escape(line)}")
     per_case = result.summary["seconds"]["per_case_mean"]
-    out(f"[green]evaluated[/] {result.summary['cases']} case(s), {per_case or 0:.1f} s per case -> {result.out}")
+    what = f"{result.summary['cases']} case(s)" + (f" ({result.summary['slices']} slices)" if all_slices else "")
+    out(f"[green]evaluated[/] {what}, {per_case or 0:.1f} s per case -> {result.out}")
     for name, path in result.figures.items():
         out(f"  {name}: {path}")
 

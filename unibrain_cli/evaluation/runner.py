@@ -3,6 +3,12 @@
 Cases
     The split's evaluation slices of a SLICES folder (``is_eval``: the middle lesion slice of each
     case; one per case). ``max_cases > 0`` keeps a seeded random subset (index order kept).
+    ``eval_slices="all"`` (``--eval-slices all``, native protocol and ``ours`` convention only)
+    evaluates every stored slice of those cases instead, each slice on its own; every table number
+    stays a per-case statistic: a case's value is the mean over its slices
+    (:func:`~unibrain_cli.evaluation.tables.per_case_mean`, applied in both modes: the identity
+    with one slice per case), the bootstrap resamples cases and ``n`` counts cases. The
+    conditioning probe and the qualitative figure keep each case's eval slice.
 
 Table 1 (diagnosis and report generation with missing modalities), per scenario
 (:mod:`~unibrain_cli.evaluation.scenarios`) on the cases that have the scenario's inputs:
@@ -79,7 +85,8 @@ default); ``auto`` picks ``released`` for a folder in their layout. ``ablation``
 
 Outputs (EVAL, written to a temporary folder renamed into place at the end)::
 
-    table1_cases.csv, table2_cases.csv   one row per method x scenario/chain x case
+    table1_cases.csv, table2_cases.csv   one row per method x scenario/chain x evaluated slice
+                                          (case_id, slice_id; one slice per case unless --eval-slices all)
     table1.{csv,md}, table2.{csv,md}, table3.{csv,md} (ablation), tables.md
     qualitative.png, bars_top1.png, bars_psnr.png (with --chain)
     eval.json                             settings, cohort sizes, timings, table summaries, probe
@@ -205,12 +212,14 @@ TABLE2_COLUMNS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class EvalCase:
-    """One case's evaluation slice.
+    """One evaluated slice of a case.
 
     ``images`` float32 [6, S, S] in [0, 1] (MODALITIES order, zeros where absent); ``brain`` bool
     [S, S], the stored reference brain (union over ALL the case's modalities: an evaluation region
     only, never applied to a prediction; see :meth:`input_brain`); ``present`` the case's modalities
-    in canonical order; ``diseases`` its classes.
+    in canonical order; ``diseases`` its classes. ``is_eval``: the case's one representative slice
+    (the one the conditioning probe and the qualitative figure use); False only for the other slices
+    of a case under ``--eval-slices all`` (:func:`load_cases`).
     """
 
     slice_id: str
@@ -220,6 +229,7 @@ class EvalCase:
     images: np.ndarray
     brain: np.ndarray
     impression: str
+    is_eval: bool = True
 
     def image(self, modality: str) -> np.ndarray:
         """Slice [S, S] of ``modality``."""
@@ -256,17 +266,21 @@ def check_out_dir(out: str | Path | None, force: bool) -> Path:
     return path
 
 
-def load_cases(data: str | Path, split: str, max_cases: int = 0, seed: int = 0, convention: str = "ours"
-               ) -> tuple[list[EvalCase], int]:
-    """The evaluation slices of ``split`` (one per case) and the slice size S.
+def load_cases(data: str | Path, split: str, max_cases: int = 0, seed: int = 0, convention: str = "ours",
+               eval_slices: str = "eval") -> tuple[list[EvalCase], int]:
+    """The evaluated slices of ``split`` and the slice size S.
 
     The cases are those with an eval slice (``is_eval``), in index order; ``max_cases > 0`` keeps a
-    seeded random subset of that many cases (the same cases for both conventions). ``convention``
-    ``"ours"``: each case's eval slice; ``"paper"``: the slice :func:`paper_rows` picks among the
-    case's stored slices of ``split``. An empty split is a :class:`UserError` naming the splits that
-    exist.
+    seeded random subset of that many cases (the same cases for both conventions and both
+    ``eval_slices``). ``eval_slices`` ``"eval"``: one slice per case, by ``convention``: ``"ours"``
+    each case's eval slice, ``"paper"`` the slice :func:`paper_rows` picks among the case's stored
+    slices of ``split``. ``"all"`` (``ours`` only, see :func:`check_eval_slices`): every stored slice
+    of ``split`` of those cases, in index order, each its own :class:`EvalCase` sharing the case's
+    ``case_id``; the case's first eval slice is its ``is_eval`` one. An empty split is a
+    :class:`UserError` naming the splits that exist.
     """
     _check_convention(convention)
+    check_eval_slices(eval_slices, convention)
     meta = read_slices_meta(data)
     ds = SliceDataset(data, split=split, is_eval=True)
     if len(ds) == 0:
@@ -278,8 +292,13 @@ def load_cases(data: str | Path, split: str, max_cases: int = 0, seed: int = 0, 
     rows = np.flatnonzero(first.to_numpy())
     if 0 < max_cases < rows.size:
         rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_cases, replace=False))
-    source, picked = (paper_rows(data, split, ds, rows.tolist()) if convention == "paper"
-                      else (ds, rows.tolist()))
+    representative: set[str] | None = None  # slice ids that are their case's is_eval slice (all: the others not)
+    if eval_slices == "all":
+        source, picked, representative = all_rows(data, split, ds, rows.tolist())
+    elif convention == "paper":
+        source, picked = paper_rows(data, split, ds, rows.tolist())
+    else:
+        source, picked = ds, rows.tolist()
     cases = []
     for i in picked:
         item = source[i]
@@ -288,8 +307,53 @@ def load_cases(data: str | Path, split: str, max_cases: int = 0, seed: int = 0, 
             diseases=tuple(d for d in item["diseases"] if d in DISEASES),
             present=canonical([m for m, p in zip(MODALITIES, item["present"]) if p]),
             images=item["images"], brain=item["brain"].astype(bool), impression=item.get("impression", ""),
+            is_eval=representative is None or str(item["slice_id"]) in representative,
         ))
     return cases, int(meta["size"])
+
+
+#: ``--eval-slices`` values: ``eval`` one slice per case (the default), ``all`` every stored slice of a case.
+EVAL_SLICES: tuple[str, ...] = ("eval", "all")
+
+
+def check_eval_slices(eval_slices: str, convention: str | None = "ours", protocol: str = "native") -> None:
+    """``--eval-slices`` must be one of :data:`EVAL_SLICES`; ``all`` only with the native protocol and
+    the ``ours`` convention (the paper convention and the released protocol score one chosen slice
+    per case)."""
+    if eval_slices not in EVAL_SLICES:
+        raise UserError(f"unknown value '{eval_slices}'; choose from {', '.join(EVAL_SLICES)}", "--eval-slices")
+    if eval_slices != "all":
+        return
+    if protocol == "released":
+        raise UserError("the released protocol scores one slice per case, as the authors' code does; drop "
+                        "--eval-slices all or use --protocol native", "--eval-slices")
+    if convention == "paper":
+        raise UserError("the paper convention scores one slice per case (the middle lesion slice); drop "
+                        "--eval-slices all or use --convention ours", "--eval-slices")
+
+
+def eval_slices_line(slices: int, cases: int) -> str:
+    """The line under the tables (and in the terminal) of an ``--eval-slices all`` run."""
+    return (f"Slices: every stored slice of a case ({slices} slices of {cases} cases); each case's score is the "
+            "mean over its slices, and the bootstrap resamples cases.")
+
+
+def all_rows(data: str | Path, split: str, eval_ds: SliceDataset, rows: Sequence[int]
+             ) -> tuple[SliceDataset, list[int], set[str]]:
+    """Every stored slice of ``split`` of the cases of ``eval_ds`` rows ``rows``: (the dataset of every
+    stored slice of ``split``, its rows of those cases in index order, the slice ids of each case's
+    representative slice: the case's row ``rows`` points at, its first eval slice)."""
+    full = SliceDataset(data, split=split)
+    index = eval_ds.index.iloc[[int(i) for i in rows]]
+    wanted = set(index["case_id"].astype(str))
+    picked = np.flatnonzero(full.index["case_id"].astype(str).isin(wanted).to_numpy())
+    return full, picked.tolist(), set(index["slice_id"].astype(str))
+
+
+def one_per_case(cases: Sequence[EvalCase]) -> list[EvalCase]:
+    """Each case's representative slice (:attr:`EvalCase.is_eval`), in order: ``cases`` itself with
+    one slice per case."""
+    return [c for c in cases if c.is_eval]
 
 
 def check_common_flags(out: str | Path | None, force: bool, data: str | Path | None, ensemble: int,
@@ -853,7 +917,9 @@ def evaluate_pass(
     progress: Any = None,
 ) -> PassResult:
     """Run one model over ``cases``: Table-1 rows for ``scenarios`` (UniBrain and/or Und.), Table-2 rows
-    for ``chains`` (UniBrain, the ensemble and the baselines). ``progress`` is a (Progress, task) pair."""
+    for ``chains`` (UniBrain, the ensemble and the baselines), one row per slice. ``qualitative``
+    picks come from the cases' representative slices only (:attr:`EvalCase.is_eval`). ``progress``
+    is a (Progress, task) pair."""
     res = PassResult()
     conv = ev.settings.convention
     seeds = [ev.settings.seed + j for j in range(ensemble)]
@@ -900,7 +966,7 @@ def evaluate_pass(
                 res.table2.append({"method": method, "chain": key, "case_id": case.case_id, "slice_id": case.slice_id,
                                    **convention_scores(draws, truth, case.brain, conv), "usability": usable,
                                    "seeds": ensemble if method == ensemble_name(ensemble) else 1})
-        if _case_count(res.qualitative) < qualitative:
+        if case.is_eval and _case_count(res.qualitative) < qualitative:  # one slice per case in the figure
             if not picked:  # no Table-2 chain: the first targets of the Table-1 chains are chain images too
                 picked = [(chain_key(i, t), i, t, img) for (i, t, s), img in ev.memo.items()
                           if s == ev.settings.seed and chain_key(i, t) in CHAIN_KEYS]
@@ -943,6 +1009,14 @@ def probe_line(probe: dict[str, Any]) -> str:
     return (f"Conditioning probe ({src} → {tgt}, n={probe['n']}): one-step PSNR with the case's own {src} "
             f"{probe['psnr_own']:.2f} dB, another case's {src} {probe['psnr_other']:.2f} dB, no image "
             f"{probe['psnr_none']:.2f} dB; conditioning gap (own - other) {probe['conditioning_gap_db']:+.2f} dB.")
+
+
+def _case_seconds(cases: Sequence[EvalCase], seconds: Sequence[float]) -> list[float]:
+    """Seconds per case (the sum over its evaluated slices), in order of first appearance."""
+    out: dict[str, float] = {}
+    for case, t in zip(cases, seconds, strict=True):
+        out[case.case_id] = out.get(case.case_id, 0.0) + t
+    return list(out.values())
 
 
 def _case_count(rows: Sequence[figures.QualitativeRow]) -> int:
@@ -1135,6 +1209,7 @@ def evaluate(
     protocol: str = "native",
     base: str | Path | None = None,
     batch_size: int | None = None,
+    eval_slices: str = "eval",
 ) -> EvalResult:
     """Evaluate a checkpoint on a SLICES folder like the paper's Tables 1-3 (module docstring);
     ``convention`` ``"ours"`` or ``"paper"`` (the authors' metric rules, :data:`CONVENTION_RULES`;
@@ -1145,9 +1220,13 @@ def evaluate(
     (token bounds None = the authors' 800 / 512). ``ablation`` is native only. Token bounds None =
     :data:`DEFAULT_THINKING_TOKENS` / :data:`DEFAULT_ANSWER_TOKENS` for ``native``. ``batch_size``
     (native only; None = :data:`DEFAULT_BATCH_SIZE`): slices generated together
-    (:meth:`ModelEvaluator.prefetch`).
+    (:meth:`ModelEvaluator.prefetch`). ``eval_slices`` ``"eval"`` (one slice per case) or ``"all"``
+    (every stored slice of each case, scored per case; native protocol, ``ours`` convention only;
+    :func:`load_cases`, :func:`check_eval_slices`).
     """
-    if choose_evaluation_protocol(protocol, ckpt, base, ablation) == "released":
+    chosen = choose_evaluation_protocol(protocol, ckpt, base, ablation)
+    check_eval_slices(eval_slices, convention, chosen)
+    if chosen == "released":
         if batch_size is not None:
             raise UserError("the released protocol runs one slice at a time, as the authors' code does; drop "
                             "--batch-size or use --protocol native", "--batch-size")
@@ -1180,9 +1259,15 @@ def evaluate(
         raise UserError(f"must be a finite number >= 0, got {cfg_img_scale}", "--cfg-img-scale")
     out_dir, rate_reason = check_common_flags(out, force, data, ensemble, max_cases, steps, ratescore_models)
     variants = ablation_folders(ckpt) if ablation else {"full": resolve_checkpoint(ckpt)}
-    cases, size = load_cases(data, split, max_cases, seed, convention)
-    conv = convention_summary(convention, data, split, cases)
+    cases, size = load_cases(data, split, max_cases, seed, convention, eval_slices)
+    reps = one_per_case(cases)  # each case's eval slice: the probe and the qualitative figure
+    conv = convention_summary(convention, data, split, reps)
     conv_line = convention_line(conv)
+    slices_line = None
+    if eval_slices == "all":
+        conv["slice"] = ("every stored slice of each case (--eval-slices all), each scored on its own; a case's "
+                         "score is the mean over its slices")
+        slices_line = eval_slices_line(len(cases), len(reps))
     chains = CHAIN_KEYS if chain else ()
     base = fit_baselines(data, names, chains, unet_steps, seed, device, progress) if chains and names else Baselines()
     t_fit = time.perf_counter() - t_start
@@ -1196,7 +1281,7 @@ def evaluate(
         main = evaluate_pass(main_ev, cases, scen, chains, ensemble=ensemble,
                              baselines=base, qualitative=QUALITATIVE_CASES,
                              progress=(bar, task) if bar is not None else None)
-    probe = run_probe(main_ev, cases) if chains else None
+    probe = run_probe(main_ev, reps) if chains else None
     del main_ev, bundle
     abl1: list[dict[str, Any]] = []
     abl2: list[dict[str, Any]] = []
@@ -1219,51 +1304,57 @@ def evaluate(
             abl1 += [{**r, "method": row_name} for r in part.table1
                      if r["method"] == (METHOD_UNIFIED if unified else METHOD_UND)]
             abl2 += [{**r, "method": row_name} for r in part.table2 if r["method"] == METHOD_UNIFIED]
-            abl_seconds[row_name] = float(np.mean(part.seconds)) if part.seconds else math.nan
+            abl_seconds[row_name] = float(np.mean(_case_seconds(cases, part.seconds))) if part.seconds else math.nan
 
     # RaTEScore over every generated impression at once (None: unavailable)
     rate_note = score_ratescore(main.table1, rate_reason, ratescore_models)
     score_ratescore(abl1, rate_reason, ratescore_models)
 
     n_boot = recipe.eval.bootstrap
-    frame1 = _frame(main.table1, TABLE1_COLUMNS)
+    frame1 = _frame(main.table1, TABLE1_COLUMNS)  # one row per slice: the *_cases.csv files
     frame2 = _frame(main.table2, TABLE2_COLUMNS)
-    made: dict[str, Table] = {"table1": build_table1(frame1, scen, n_boot, seed, rate_note, convention)}
+    case1 = tables.per_case_mean(frame1, ("method", "scenario"))  # one row per case: the tables
+    case2 = tables.per_case_mean(frame2, ("method", "chain"))
+    made: dict[str, Table] = {"table1": build_table1(case1, scen, n_boot, seed, rate_note, convention)}
     if chains:
         methods2 = [METHOD_UNIFIED] + ([ensemble_name(ensemble)] if ensemble > 1 else [])
         methods2 += [m for b, m in (("copy", METHOD_COPY), ("unet", METHOD_UNET), ("two-stage", METHOD_TWO_STAGE))
                      if b in names]
-        made["table2"] = build_table2(frame2, methods2, chains, n_boot, seed, convention)
+        made["table2"] = build_table2(case2, methods2, chains, n_boot, seed, convention)
         if probe is not None:
             made["table2"].footer.append(probe_line(probe))
     if ablation:
         comps = {name: flags for name, flags in ABLATION_VARIANTS.values()}
-        made["table3"] = tables.table3(_frame(abl1, TABLE1_COLUMNS), _frame(abl2, TABLE2_COLUMNS), comps,
+        made["table3"] = tables.table3(tables.per_case_mean(_frame(abl1, TABLE1_COLUMNS), ("method", "scenario")),
+                                       tables.per_case_mean(_frame(abl2, TABLE2_COLUMNS), ("method", "chain")), comps,
                                        n_boot=n_boot, seed=seed,
                                        notes=["A: understanding-only protocol; B, C, UniBrain: unified protocol "
                                               "(inputs, imputation with thinking, answer)."])
     for t in made.values():
         t.notes.append(conv_line)
+        if slices_line is not None:
+            t.notes.append(slices_line)
 
-    per_case = float(np.mean(main.seconds)) if main.seconds else math.nan
+    case_seconds = _case_seconds(cases, main.seconds)
+    per_case = float(np.mean(case_seconds)) if case_seconds else math.nan
     summary: dict[str, Any] = {
         "format": EVAL_FORMAT,
         "protocol": "native",
         "checkpoint": str(variants["full"]),
         "ablation_checkpoints": {k: str(v) for k, v in variants.items()} if ablation else None,
         "data": str(data), "split": split, "image_size": size,
-        "cases": len(cases), "case_ids": [c.case_id for c in cases],
+        "cases": len(reps), "case_ids": [c.case_id for c in reps], "eval_slices": eval_slices, "slices": len(cases),
         "scenarios": list(scen), "chains": list(chains), "ensemble": ensemble, "baselines": list(names),
         "seed": seed, "device": device, "thinking_tokens": thinking_tokens, "answer_tokens": answer_tokens,
         "batch_size": batch_size, "sample_steps": steps or recipe.flow.sample_steps, "cfg_img_scale": recipe.flow.cfg_img_scale,
         "cfg_text_scale": recipe.flow.cfg_text_scale, "unet_steps": unet_steps if base.unets else None,
         "bootstrap": n_boot, "ratescore": rate_note, "convention": conv,
         "cohorts": {
-            "table1": {s: int(((frame1["scenario"] == s) & (frame1["method"] == METHOD_UNIFIED)).sum()) for s in scen},
-            "table2": {c: int(((frame2["chain"] == c) & (frame2["method"] == METHOD_UNIFIED)).sum()) for c in chains},
+            "table1": {s: int(((case1["scenario"] == s) & (case1["method"] == METHOD_UNIFIED)).sum()) for s in scen},
+            "table2": {c: int(((case2["chain"] == c) & (case2["method"] == METHOD_UNIFIED)).sum()) for c in chains},
         },
         "seconds": {"total": None, "baselines_fit": t_fit, "per_case_mean": per_case,
-                    "per_case": [round(s, 3) for s in main.seconds], "ablation_per_case_mean": abl_seconds or None,
+                    "per_case": [round(s, 3) for s in case_seconds], "ablation_per_case_mean": abl_seconds or None,
                     "probe": probe["seconds"] if probe is not None else None},
         "probe": {k: v for k, v in probe.items() if k != "seconds"} if probe is not None else None,
         "tables": {k: t.summary.to_dict("records") for k, t in made.items()},

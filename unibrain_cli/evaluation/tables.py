@@ -10,6 +10,9 @@ Input frames have **one row per case** of each group (an ensemble is averaged be
 - Table 3 (ablation): a Table-1 frame and a Table-2 frame whose ``method`` is the variant
   (A, B, C, UniBrain), and the variant -> (unified, SA, DHS) components.
 
+A run that scores several slices of a case (``unibrain evaluate --eval-slices all``) reduces its
+frames with :func:`per_case_mean` first: one row per case, its value the mean over its slices.
+
 Every number is a mean with a 95% percentile-bootstrap interval over cases
 (:func:`~unibrain_cli.evaluation.stats.bootstrap_ci`) and its cohort size. A requested group
 with no cases is a row marked "empty cohort"; a metric with no finite value in a group reads
@@ -127,6 +130,26 @@ def _check_frame(frame: pd.DataFrame, keys: Sequence[str]) -> None:
     if "case_id" in frame.columns and frame.duplicated([*keys, "case_id"]).any():
         dup = frame.loc[frame.duplicated([*keys, "case_id"]), [*keys, "case_id"]].iloc[0].tolist()
         raise ValueError(f"more than one row for {dup}; give one row per case (average ensembles first)")
+
+
+def per_case_mean(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """One row per group of ``keys`` and ``case_id``: every float column is the mean over the group's
+    rows (a case's slices; NaN skipped, NaN when none is finite), the other columns keep the group's
+    first row. Groups and columns keep their order of appearance.
+
+    Makes a frame of several rows (slices) per case fit :func:`summarize`, so each case weighs the
+    same and the bootstrap resamples cases, not slices. The identity on a frame that already has one
+    row per case (bit for bit: the mean of one float is itself)."""
+    by = [*keys, "case_id"]
+    missing = [k for k in by if k not in frame.columns]
+    if missing:
+        raise ValueError(f"result frame lacks columns {missing}")
+    first = frame.loc[~frame.duplicated(by).to_numpy()].reset_index(drop=True)
+    floats = [c for c in frame.columns if c not in by and pd.api.types.is_float_dtype(frame[c])]
+    if floats:
+        means = frame.groupby(by, sort=False, dropna=False)[floats].mean()
+        first[floats] = means.to_numpy()
+    return first
 
 
 def summarize(
