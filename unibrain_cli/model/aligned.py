@@ -19,8 +19,8 @@ it computes without it until training moves the weights (a BAGEL-7B-MoT folder l
 they are extra tensors). ``model.aligned_gain`` k multiplies the path's output: with Adam, a
 zero-initialised projection moves by about the learning rate per step whatever its gradient, so
 after the demo's 400 unified steps the plain path (k = 1) still added only a tenth of what the
-noisy latent's own embedding adds (column norms 0.34 vs 4.1), and the model hardly read it; k = 10
-lets it grow ten times faster (README, sixth session).
+noisy latent's own embedding adds (column norms 0.34 vs 4.1), and the model hardly read it; a gain
+k lets it grow k times faster (``small`` uses 3; README, sixth session).
 
 What a slot holds is whatever the context holds: ground truth in ``unified`` training, the
 model's own generated (re-encoded) images in ``dhs`` and at inference, and nothing in an
