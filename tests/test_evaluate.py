@@ -110,6 +110,13 @@ def test_scenarios_and_chains():
     assert chain_applies(("t1", "t2"), "flair", FULL) and not chain_applies(("t1", "t2"), "flair", ("t1", "t2"))
 
 
+def test_unet_time_line_sets_the_unets_beside_the_unified_stage():
+    line = R.unet_time_line({"t1->t2": 10.2, "t1,t2->flair": 20.0}, 500, 230.6)
+    assert line == ("Training time: U-Nets 30 s in all, 500 steps each (T1w → T2w 10 s, T1w, T2w → T2f 20 s); "
+                    "the checkpoint's unified stage 231 s (the run's metrics.jsonl).")
+    assert R.unet_time_line({"t1->t2": 1.0}, 2, None).endswith("unknown (a model folder, not a training run).")
+
+
 def test_parse_baselines():
     assert R.parse_baselines("two-stage,copy") == ("copy", "two-stage")
     assert R.parse_baselines("none") == () and R.parse_baselines("") == ()
@@ -134,6 +141,12 @@ def test_outputs_exist(full_run: R.EvalResult):
     assert summary["ratescore"].startswith("unavailable")
     assert len(summary["seconds"]["per_case"]) == 3 and summary["seconds"]["per_case_mean"] > 0
     assert set(full_run.figures) == {"qualitative", "bars_top1", "bars_psnr"}
+    # the U-Nets' training time is recorded and printed beside the unified stage's (a model folder: unknown)
+    assert set(summary["seconds"]["unet_fit"]) == set(CHAIN_KEYS)
+    assert all(s > 0 for s in summary["seconds"]["unet_fit"].values())
+    assert summary["seconds"]["unified_stage"] is None
+    assert [ln for ln in full_run.tables["table2"].footer if ln.startswith("Training time: U-Nets")] == [
+        R.unet_time_line(summary["seconds"]["unet_fit"], 2, None)]
 
 
 def test_table1_rows_columns_and_cohorts(full_run: R.EvalResult):
@@ -278,7 +291,8 @@ def test_probe_in_eval_json_and_tables(full_run: R.EvalResult, ckpt, slices):
     line = R.probe_line(probe)
     assert line.startswith("Conditioning probe (T1w → T2w, n=2)") and f"{probe['conditioning_gap_db']:+.2f} dB" in line
     assert line in (full_run.out / "tables.md").read_text() and line in (full_run.out / "table2.md").read_text()
-    assert full_run.tables["table2"].footer == [line]
+    assert full_run.tables["table2"].footer[0] == line  # then the U-Nets' training time (test_outputs_exist)
+    assert len(full_run.tables["table2"].footer) == 2
 
 
 def test_no_probe_without_chains(ckpt, slices, tmp_path):

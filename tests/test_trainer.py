@@ -29,7 +29,7 @@ from unibrain_cli.training.checkpoint import (
     unflatten_optimizer_state,
 )
 from unibrain_cli.training.parallel import apply_activation_checkpointing
-from unibrain_cli.training.run import train
+from unibrain_cli.training.run import stage_train_seconds, train
 from unibrain_cli.training.stages import EpochSampler, StageTask, StepOutput
 from unibrain_cli.training.trainer import StepInfo, defer_sigint, lr_factor
 
@@ -110,6 +110,22 @@ def toy_sa(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # -- pure pieces ----------------------------------------------------------------------------------
+def test_stage_train_seconds_sums_the_processes_of_a_resumed_stage(tmp_path: Path) -> None:
+    recs = [{"kind": "train", "stage": "vae", "step": 10, "elapsed_s": 3.0},
+            {"kind": "train", "stage": "unified", "step": 10, "elapsed_s": 10.0},
+            {"kind": "train", "stage": "unified", "step": 20, "elapsed_s": 20.0},
+            {"kind": "eval", "stage": "unified", "step": 20, "metrics": {}},
+            {"kind": "train", "stage": "unified", "step": 20, "elapsed_s": 5.0},  # resumed from step 10
+            {"kind": "train", "stage": "unified", "step": 30, "elapsed_s": 15.5}]
+    lines = [json.dumps(r) for r in recs]
+    lines.insert(3, "{not json")
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert stage_train_seconds(tmp_path, "unified") == 35.5
+    assert stage_train_seconds(tmp_path, "vae") == 3.0
+    assert stage_train_seconds(tmp_path, "dhs") is None
+    assert stage_train_seconds(tmp_path / "absent", "unified") is None
+
+
 def test_lr_schedule_warmup_then_cosine_to_min_lr() -> None:
     st = dataclasses.replace(load_recipe("tiny").train.stages[0], steps=10, lr=1.0, min_lr=0.1, warmup_steps=2)
     f = [lr_factor(s, st) for s in range(10)]

@@ -155,7 +155,12 @@ from unibrain_cli.inference.batched import (
     generate_answers,
     impute_chains,
 )
-from unibrain_cli.inference.checkpoint import InferenceBundle, load_for_inference, resolve_checkpoint
+from unibrain_cli.inference.checkpoint import (
+    InferenceBundle,
+    load_for_inference,
+    resolve_checkpoint,
+    run_folder_of,
+)
 from unibrain_cli.inference.diagnose import engine_for
 from unibrain_cli.inference.engine import (
     INPUT_VIEWS,
@@ -169,6 +174,7 @@ from unibrain_cli.inference.engine import (
 )
 from unibrain_cli.io.atomic import atomic_dir, write_text
 from unibrain_cli.modalities import DISEASES, MODALITIES
+from unibrain_cli.training.run import stage_train_seconds
 
 EVAL_FORMAT = "unibrain-eval/1"
 
@@ -882,6 +888,8 @@ class Baselines:
     copy: CopyNearestBaseline | None = None
     unets: dict[str, UNetBaseline] = field(default_factory=dict)
     names: tuple[str, ...] = ()
+    #: wall time of each chain U-Net's training (seconds), by chain key
+    unet_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -1011,6 +1019,17 @@ def probe_line(probe: dict[str, Any]) -> str:
             f"{probe['psnr_none']:.2f} dB; conditioning gap (own - other) {probe['conditioning_gap_db']:+.2f} dB.")
 
 
+def unet_time_line(unet_seconds: dict[str, float], steps: int, unified_seconds: float | None) -> str:
+    """The footer under Table 2 that sets the U-Nets' training time beside the unified stage's (issue 13:
+    the supervised reference gets no more wall time than the model it is compared with)."""
+    total = sum(unet_seconds.values())
+    per = ", ".join(f"{tables.chain_label(k)} {s:.0f} s" for k, s in unet_seconds.items())
+    unified = (f"{unified_seconds:.0f} s (the run's metrics.jsonl)" if unified_seconds is not None
+               else "unknown (a model folder, not a training run)")
+    return (f"Training time: U-Nets {total:.0f} s in all, {steps} steps each ({per}); the checkpoint's unified "
+            f"stage {unified}.")
+
+
 def _case_seconds(cases: Sequence[EvalCase], seconds: Sequence[float]) -> list[float]:
     """Seconds per case (the sum over its evaluated slices), in order of first appearance."""
     out: dict[str, float] = {}
@@ -1036,7 +1055,9 @@ def fit_baselines(data: str | Path, names: Sequence[str], chains: Sequence[str],
         if unet:
             for key in chains:
                 inputs, target = parse_chain(key)
+                t0 = time.perf_counter()
                 out.unets[key] = train_unet(data, inputs, target, steps, seed, device, progress=progress)
+                out.unet_seconds[key] = time.perf_counter() - t0
     except UserError as exc:
         raise UserError(f"{exc.message} (baselines; pass --baselines none to skip them)", exc.where) from exc
     return out
@@ -1274,6 +1295,8 @@ def evaluate(
 
     bundle = _load(variants["full"], device, size, data, cfg_img_scale)
     recipe = bundle.recipe
+    run_dir = run_folder_of(variants["full"])
+    unified_seconds = stage_train_seconds(run_dir, "unified") if run_dir is not None else None
     settings = Settings(thinking_tokens, answer_tokens, steps, seed, convention, batch_size)
     main_ev = ModelEvaluator(bundle, settings)
     with _progress(progress) as bar:
@@ -1323,6 +1346,8 @@ def evaluate(
         made["table2"] = build_table2(case2, methods2, chains, n_boot, seed, convention)
         if probe is not None:
             made["table2"].footer.append(probe_line(probe))
+        if base.unet_seconds:
+            made["table2"].footer.append(unet_time_line(base.unet_seconds, unet_steps, unified_seconds))
     if ablation:
         comps = {name: flags for name, flags in ABLATION_VARIANTS.values()}
         made["table3"] = tables.table3(tables.per_case_mean(_frame(abl1, TABLE1_COLUMNS), ("method", "scenario")),
@@ -1355,7 +1380,8 @@ def evaluate(
         },
         "seconds": {"total": None, "baselines_fit": t_fit, "per_case_mean": per_case,
                     "per_case": [round(s, 3) for s in case_seconds], "ablation_per_case_mean": abl_seconds or None,
-                    "probe": probe["seconds"] if probe is not None else None},
+                    "probe": probe["seconds"] if probe is not None else None,
+                    "unet_fit": dict(base.unet_seconds) or None, "unified_stage": unified_seconds},
         "probe": {k: v for k, v in probe.items() if k != "seconds"} if probe is not None else None,
         "tables": {k: t.summary.to_dict("records") for k, t in made.items()},
     }

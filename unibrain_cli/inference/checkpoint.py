@@ -79,7 +79,8 @@ def resolve_checkpoint(path: str | Path | None) -> Path:
         "or a training run folder (run.json)", str(path))
 
 
-def _run_folder(model_dir: Path) -> Path | None:
+def run_folder_of(model_dir: Path) -> Path | None:
+    """The training run folder a ``RUN/<stage>/final`` model folder belongs to; None for any other folder."""
     run = model_dir.parent.parent
     return run if model_dir.name == "final" and (run / "run.json").is_file() else None
 
@@ -93,7 +94,7 @@ def _recipe_for(model_dir: Path, extra: dict, model_cfg) -> tuple[Recipe, bool]:
         except UserError as exc:
             raise UserError(f"the recipe saved with the model is invalid: {exc}", str(model_dir / CONFIG_FILE)) from exc
     else:
-        run = _run_folder(model_dir)
+        run = run_folder_of(model_dir)
         if run is not None and (run / "recipe.resolved.toml").is_file():
             recipe = load_recipe(run / "recipe.resolved.toml")
     if recipe is None:

@@ -107,18 +107,46 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, stage: str | None
     return info
 
 
-def plot_loss_curve(metrics_path: Path, out_png: Path) -> Path | None:
-    """One panel per stage, one line per loss term against the step (log y). None when no data."""
+def _train_records(metrics_path: Path) -> list[dict[str, Any]]:
+    """The ``kind == "train"`` records of a metrics.jsonl in file order (unreadable lines skipped)."""
+    out: list[dict[str, Any]] = []
     if not metrics_path.is_file():
-        return None
-    series: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+        return out
     for line in metrics_path.read_text(encoding="utf-8").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if rec.get("kind") != "train":
+        if isinstance(rec, dict) and rec.get("kind") == "train":
+            out.append(rec)
+    return out
+
+
+def stage_train_seconds(run_dir: str | Path, stage: str) -> float | None:
+    """Wall time a run spent training ``stage`` (seconds), from ``RUN/metrics.jsonl``; None when the run
+    logged no step of it.
+
+    ``elapsed_s`` counts from the stage's start in its process, so a resumed stage restarts it: each
+    process's last value is summed (a drop of ``elapsed_s`` starts a new process). Time between the
+    last logged step and the stage's end (one ``log_every`` window at most) is not counted.
+    """
+    total, last = 0.0, None
+    for rec in _train_records(Path(run_dir) / "metrics.jsonl"):
+        if rec.get("stage") != stage or not isinstance(rec.get("elapsed_s"), int | float):
             continue
+        t = float(rec["elapsed_s"])
+        if last is not None and t < last:
+            total += last
+        last = t
+    return None if last is None else total + last
+
+
+def plot_loss_curve(metrics_path: Path, out_png: Path) -> Path | None:
+    """One panel per stage, one line per loss term against the step (log y). None when no data."""
+    if not metrics_path.is_file():
+        return None
+    series: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    for rec in _train_records(metrics_path):
         stage = series.setdefault(rec["stage"], {})
         for name, value in {"loss": rec["loss"], **rec.get("terms", {})}.items():
             xs, ys = stage.setdefault(name, ([], []))
