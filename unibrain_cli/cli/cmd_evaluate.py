@@ -23,9 +23,12 @@ def evaluate(
                                  "sample_time, N draws averaged as uint8)."),
     ablation: bool = typer.Option(False, "--ablation", help="Run the Table 3 ablation variants."),
     ratescore_models: Path | None = typer.Option(None, "--ratescore-models", help="Local RaTEScore models."),
-    baselines: str = typer.Option("copy", "--baselines", help="Table-2 baselines: copy,unet,two-stage or none "
+    baselines: str = typer.Option("copy", "--baselines", help="Baselines, comma-separated: copy, unet, two-stage "
+                                  "(Table 2), cnn (a supervised CNN classifier per scenario, Table 1) or none "
                                   "(released: copy,unet)."),
     unet_steps: int = typer.Option(200, "--unet-steps", min=1, help="Training steps of each chain U-Net."),
+    cnn_steps: int = typer.Option(1000, "--cnn-steps", min=1, help="Training steps of each scenario's CNN "
+                                  "(--baselines cnn)."),
     max_cases: int = typer.Option(0, "--max-cases", min=0, help="Evaluate a seeded subset of N cases (0 = all)."),
     eval_slices: str = typer.Option("eval", "--eval-slices", help="Slices scored per case: eval (the case's eval "
                                     "slice; the default) or all (every stored slice of the case; a case's score is "
@@ -68,8 +71,8 @@ def evaluate(
 
     result = run_evaluate(ckpt, data, out_dir, split=split, scenarios=scenario, chain=chain, ensemble=ensemble,
                           ablation=ablation, ratescore_models=ratescore_models, baselines=baselines,
-                          unet_steps=unet_steps, max_cases=max_cases, seed=seed, steps=steps, device=device,
-                          progress=not STATE.quiet, force=force, thinking_tokens=thinking_tokens,
+                          unet_steps=unet_steps, cnn_steps=cnn_steps, max_cases=max_cases, seed=seed, steps=steps,
+                          device=device, progress=not STATE.quiet, force=force, thinking_tokens=thinking_tokens,
                           answer_tokens=answer_tokens, cfg_img_scale=cfg_img_scale,
                           convention=convention.lower() if convention is not None else None, protocol=protocol,
                           base=base, batch_size=batch_size, eval_slices=eval_slices.lower())

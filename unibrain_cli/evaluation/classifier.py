@@ -58,6 +58,9 @@ from unibrain_cli.modalities import DISEASES, MODALITIES
 CLASSIFIER_FORMAT = "unibrain-diagnosis-cnn/1"
 #: Channels of the four conv blocks.
 WIDTHS: tuple[int, ...] = (32, 64, 64, 64)
+#: Training steps and slices per step of :func:`train_classifier` by default.
+DEFAULT_STEPS = 1000
+DEFAULT_BATCH_SIZE = 32
 #: Slices read from a shard folder at a time when loading a split into memory.
 _READ_CHUNK = 64
 
@@ -256,9 +259,9 @@ class ClassifierReference:
 def train_classifier(
     slices: str | Path,
     scenario: str,
-    steps: int = 1000,
+    steps: int = DEFAULT_STEPS,
     seed: int = 0,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     lr: float = 1e-3,
     device: str | torch.device = "cpu",
     *,
@@ -333,10 +336,10 @@ def evaluate_classifier(
     scenarios: str | Sequence[str] = "all",
     split: str = "test",
     all_slices: bool = False,
-    steps: int = 1000,
+    steps: int = DEFAULT_STEPS,
     seed: int = 0,
     *,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     lr: float = 1e-3,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
@@ -387,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--scenario", default="all", help="t1, t1_t2, t1_t2_flair, complete, comma-separated, or all")
     ap.add_argument("--split", default="test", help="split to score (default test)")
     ap.add_argument("--all-slices", action="store_true", help="score every slice of the split, not one per case")
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     try:

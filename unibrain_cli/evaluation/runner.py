@@ -24,6 +24,10 @@ Table 1 (diagnosis and report generation with missing modalities), per scenario
   (:func:`~unibrain_cli.inference.engine.diagnosis_scores`) on the same context; ROUGE-1 compares the
   generated impression with the reference impression; RaTE only with local RaTEScore models. Cases
   without a disease label do not count for Top-1.
+- ``CNN reference`` (``--baselines cnn``): one supervised CNN per scenario
+  (:mod:`~unibrain_cli.evaluation.classifier`, ``cnn_steps`` steps on the train split) fed the
+  scenario's real input slices; on the UniBrain rows' cohort, Top-1 = Top-1 closed-set = its class
+  (:func:`cnn_rows`); no text, so no ROUGE-1 / RaTE.
 
 Table 2 (imputation, ``chain=True``): chains T1 -> T2; T1,T2 -> FLAIR; T1,T2,FLAIR -> T1ce from real
 inputs, on the cases that have all chain modalities. PSNR/SSIM on [0, 1] slices, full field and in
@@ -122,6 +126,9 @@ from unibrain_cli.evaluation.baselines import (
     parse_chain,
     train_unet,
 )
+from unibrain_cli.evaluation.classifier import DEFAULT_BATCH_SIZE as CNN_BATCH_SIZE
+from unibrain_cli.evaluation.classifier import DEFAULT_STEPS as DEFAULT_CNN_STEPS
+from unibrain_cli.evaluation.classifier import ClassifierReference, train_classifier
 from unibrain_cli.evaluation.diagnosis import extract_diagnosis
 from unibrain_cli.evaluation.metrics import (
     CONVENTIONS,
@@ -183,9 +190,10 @@ METHOD_UND = "UniBrain Und."
 METHOD_COPY = "copy-nearest"
 METHOD_UNET = "U-Net"
 METHOD_TWO_STAGE = "two-stage (U-Net -> Und.)"
+METHOD_CNN = "CNN reference"
 
-#: ``--baselines`` names -> what they add to Table 2.
-BASELINES: tuple[str, ...] = ("copy", "unet", "two-stage")
+#: ``--baselines`` names: copy, unet and two-stage add Table-2 rows, cnn Table-1 rows.
+BASELINES: tuple[str, ...] = ("copy", "unet", "two-stage", "cnn")
 #: Ablation variant folder -> (Table-3 row name, (unified, SA, DHS)).
 ABLATION_VARIANTS: dict[str, tuple[str, tuple[bool, bool, bool]]] = {
     "A": ("A", (False, False, False)),
@@ -248,7 +256,7 @@ class EvalCase:
 
 
 def parse_baselines(value: str | Sequence[str] | None, where: str = "--baselines") -> tuple[str, ...]:
-    """``"copy,unet,two-stage"`` (or a sequence; ``""``/``"none"`` = none) -> baseline names in canonical order."""
+    """``"copy,unet,two-stage,cnn"`` (or a sequence; ``""``/``"none"`` = none) -> names in canonical order."""
     if value is None:
         return ()
     items = [v.strip().lower() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
@@ -883,13 +891,15 @@ class ModelEvaluator:
 
 @dataclass
 class Baselines:
-    """Fitted baselines: copy-nearest and per-chain U-Nets (None/empty when not asked)."""
+    """Fitted baselines: copy-nearest, per-chain U-Nets and per-scenario diagnosis CNNs (None/empty
+    when not asked)."""
 
     copy: CopyNearestBaseline | None = None
     unets: dict[str, UNetBaseline] = field(default_factory=dict)
     names: tuple[str, ...] = ()
     #: wall time of each chain U-Net's training (seconds), by chain key
     unet_seconds: dict[str, float] = field(default_factory=dict)
+    cnns: dict[str, ClassifierReference] = field(default_factory=dict)
 
 
 @dataclass
@@ -990,6 +1000,31 @@ def evaluate_pass(
     return res
 
 
+def cnn_rows(models: Mapping[str, ClassifierReference], cases: Sequence[EvalCase], known: Sequence[str]
+             ) -> list[dict[str, Any]]:
+    """Table 1, CNN reference: per scenario -> classifier of ``models``, the class it predicts for every
+    case of the scenario's cohort (the UniBrain rows' cohort: :func:`scenario_inputs` with the model's
+    ``known`` modalities), all of a scenario's cases in one call. ``top1`` = ``top1_closed`` = the hit
+    (:func:`_hit`: NaN without a disease label); ``inputs`` what the CNN sees (the case's scenario
+    inputs); no text, so ``rouge1`` / ``rate`` stay NaN. ``seconds``: the row's share of the call."""
+    rows: list[dict[str, Any]] = []
+    for sc, model in models.items():
+        cohort = [c for c in cases if scenario_inputs(sc, c.present, known) is not None]
+        if not cohort:
+            continue
+        t0 = time.perf_counter()
+        present = np.array([[m in c.present for m in MODALITIES] for c in cohort])
+        preds = model.predict(np.stack([c.images for c in cohort]), present)
+        seconds = (time.perf_counter() - t0) / len(cohort)
+        for case, pred in zip(cohort, preds, strict=True):
+            hit = _hit(pred, case)
+            rows.append({**_base(case), "scenario": sc, "method": METHOD_CNN,
+                         "inputs": "|".join(scenario_inputs(sc, case.present) or ()), "imputed": "",
+                         "pred_text": pred, "pred_closed": pred, "top1": hit, "top1_closed": hit,
+                         "rouge1": math.nan, "rate": math.nan, "impression": "", "answer": "", "seconds": seconds})
+    return rows
+
+
 #: The probe's (input, target): the paper's first chain, T1 -> T2.
 PROBE_CHAIN: tuple[str, str] = ("t1", "t2")
 
@@ -1043,14 +1078,18 @@ def _case_count(rows: Sequence[figures.QualitativeRow]) -> int:
 
 
 def fit_baselines(data: str | Path, names: Sequence[str], chains: Sequence[str], steps: int, seed: int,
-                  device: str, progress: bool) -> Baselines:
-    """Fit the asked baselines on the train split (U-Nets only for ``chains``)."""
+                  device: str, progress: bool, scenarios: Sequence[str] = (),
+                  cnn_steps: int = DEFAULT_CNN_STEPS) -> Baselines:
+    """Fit the asked baselines on the train split: copy-nearest and the U-Nets (``steps`` steps) for
+    ``chains`` (none without), one diagnosis CNN (``cnn_steps`` steps) per scenario of ``scenarios``."""
     out = Baselines(names=tuple(names))
-    unet = "unet" in names or "two-stage" in names
+    unet = ("unet" in names or "two-stage" in names) and bool(chains)
     if unet and steps < 1:
         raise UserError(f"must be >= 1, got {steps}", "--unet-steps")
+    if "cnn" in names and cnn_steps < 1:
+        raise UserError(f"must be >= 1, got {cnn_steps}", "--cnn-steps")
     try:
-        if "copy" in names:
+        if "copy" in names and chains:
             out.copy = fit_copy_nearest(data, "train")
         if unet:
             for key in chains:
@@ -1058,6 +1097,9 @@ def fit_baselines(data: str | Path, names: Sequence[str], chains: Sequence[str],
                 t0 = time.perf_counter()
                 out.unets[key] = train_unet(data, inputs, target, steps, seed, device, progress=progress)
                 out.unet_seconds[key] = time.perf_counter() - t0
+        if "cnn" in names:
+            for sc in scenarios:
+                out.cnns[sc] = train_classifier(data, sc, steps=cnn_steps, seed=seed, device=device)
     except UserError as exc:
         raise UserError(f"{exc.message} (baselines; pass --baselines none to skip them)", exc.where) from exc
     return out
@@ -1093,11 +1135,12 @@ TABLE1_LAST_SSIM = Metric("ssim", "SSIM last target", digits=4)
 
 
 def build_table1(frame: pd.DataFrame, scenarios: Sequence[str], n_boot: int, seed: int, rate_note: str,
-                 convention: str = "ours") -> Table:
+                 convention: str = "ours", cnn_steps: int | None = None) -> Table:
     """Table 1 with the closed-set Top-1 column next to the generated-text Top-1; under the ``paper``
     convention also PSNR/SSIM of the last imputed target of each UniBrain chain ("-" where nothing
-    was imputed)."""
-    methods = [METHOD_UND, METHOD_UNIFIED]
+    was imputed). ``cnn_steps`` (None: no CNN) adds the CNN reference rows after UniBrain's, with
+    "-" for their ROUGE-1 and RaTE (no text)."""
+    methods = [METHOD_UND, METHOD_UNIFIED] + ([METHOD_CNN] if cnn_steps is not None else [])
     notes = [
         "Top-1: the class named in the generated 'Final Diagnosis' (synonym table of evaluation/diagnosis.py); "
         "Top-1 closed-set: argmax of the five class answers' log-likelihoods on the same context.",
@@ -1105,6 +1148,11 @@ def build_table1(frame: pd.DataFrame, scenarios: Sequence[str], n_boot: int, see
         "VAE + ViT, the case's missing modalities imputed in canonical order with thinking, then the answer.",
         f"RaTE: {rate_note}.",
     ]
+    if cnn_steps is not None:
+        notes.append(f"{METHOD_CNN}: a supervised 97k-parameter CNN per scenario ({cnn_steps} steps of "
+                     f"{CNN_BATCH_SIZE} train-split slices, evaluation/classifier.py), the scenario's real input "
+                     "slices only; the ceiling of a dedicated image classifier, not a generative model. "
+                     "ROUGE / RaTE: no text ('-').")
     if convention == "paper":
         notes.append("PSNR/SSIM last target (paper convention): the last imputed modality of each UniBrain chain "
                      "(column scored_target of table1_cases.csv; it differs between cases with other modality sets), "
@@ -1118,6 +1166,9 @@ def build_table1(frame: pd.DataFrame, scenarios: Sequence[str], n_boot: int, see
         for metric in (TABLE1_LAST_SSIM, TABLE1_LAST_PSNR):  # inserted after RaTE: PSNR, then SSIM
             t = _add_column(t, frame, ("method", "scenario"), groups, metric, after, n_boot, seed)
             t.display[metric.label] = [NOT_RUN if v == tables.UNAVAILABLE else v for v in t.display[metric.label]]
+    for metric in tables.TABLE1_METRICS[1:]:  # the CNN writes no text: ROUGE-1 / RaTE not measured
+        t.display[metric.label] = [NOT_RUN if m == METHOD_CNN and v != tables.EMPTY else v
+                                   for m, v in zip(t.summary["method"], t.display[metric.label])]
     return t
 
 
@@ -1217,6 +1268,7 @@ def evaluate(
     ratescore_models: str | Path | None = None,
     baselines: str | Sequence[str] = ("copy",),
     unet_steps: int = DEFAULT_UNET_STEPS,
+    cnn_steps: int = DEFAULT_CNN_STEPS,
     max_cases: int = 0,
     seed: int = 0,
     steps: int | None = None,
@@ -1243,7 +1295,8 @@ def evaluate(
     (native only; None = :data:`DEFAULT_BATCH_SIZE`): slices generated together
     (:meth:`ModelEvaluator.prefetch`). ``eval_slices`` ``"eval"`` (one slice per case) or ``"all"``
     (every stored slice of each case, scored per case; native protocol, ``ours`` convention only;
-    :func:`load_cases`, :func:`check_eval_slices`).
+    :func:`load_cases`, :func:`check_eval_slices`). ``baselines`` ``cnn`` (native only) trains one
+    diagnosis CNN per scenario for ``cnn_steps`` steps (:func:`fit_baselines`, :func:`cnn_rows`).
     """
     chosen = choose_evaluation_protocol(protocol, ckpt, base, ablation)
     check_eval_slices(eval_slices, convention, chosen)
@@ -1290,7 +1343,8 @@ def evaluate(
                          "score is the mean over its slices")
         slices_line = eval_slices_line(len(cases), len(reps))
     chains = CHAIN_KEYS if chain else ()
-    base = fit_baselines(data, names, chains, unet_steps, seed, device, progress) if chains and names else Baselines()
+    base = fit_baselines(data, names, chains, unet_steps, seed, device, progress, scen, cnn_steps) \
+        if names and (chains or "cnn" in names) else Baselines()
     t_fit = time.perf_counter() - t_start
 
     bundle = _load(variants["full"], device, size, data, cfg_img_scale)
@@ -1305,6 +1359,7 @@ def evaluate(
                              baselines=base, qualitative=QUALITATIVE_CASES,
                              progress=(bar, task) if bar is not None else None)
     probe = run_probe(main_ev, reps) if chains else None
+    main.table1 += cnn_rows(base.cnns, cases, main_ev.known)
     del main_ev, bundle
     abl1: list[dict[str, Any]] = []
     abl2: list[dict[str, Any]] = []
@@ -1338,7 +1393,8 @@ def evaluate(
     frame2 = _frame(main.table2, TABLE2_COLUMNS)
     case1 = tables.per_case_mean(frame1, ("method", "scenario"))  # one row per case: the tables
     case2 = tables.per_case_mean(frame2, ("method", "chain"))
-    made: dict[str, Table] = {"table1": build_table1(case1, scen, n_boot, seed, rate_note, convention)}
+    made: dict[str, Table] = {"table1": build_table1(case1, scen, n_boot, seed, rate_note, convention,
+                                                     cnn_steps if base.cnns else None)}
     if chains:
         methods2 = [METHOD_UNIFIED] + ([ensemble_name(ensemble)] if ensemble > 1 else [])
         methods2 += [m for b, m in (("copy", METHOD_COPY), ("unet", METHOD_UNET), ("two-stage", METHOD_TWO_STAGE))
@@ -1373,6 +1429,7 @@ def evaluate(
         "seed": seed, "device": device, "thinking_tokens": thinking_tokens, "answer_tokens": answer_tokens,
         "batch_size": batch_size, "sample_steps": steps or recipe.flow.sample_steps, "cfg_img_scale": recipe.flow.cfg_img_scale,
         "cfg_text_scale": recipe.flow.cfg_text_scale, "unet_steps": unet_steps if base.unets else None,
+        "cnn_steps": cnn_steps if base.cnns else None,
         "bootstrap": n_boot, "ratescore": rate_note, "convention": conv,
         "cohorts": {
             "table1": {s: int(((case1["scenario"] == s) & (case1["method"] == METHOD_UNIFIED)).sum()) for s in scen},

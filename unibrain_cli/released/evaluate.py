@@ -453,6 +453,9 @@ def evaluate_released(
     if refused:
         raise UserError(f"baseline '{refused[0]}' needs our closed-set understanding path, which the released "
                         "protocol does not have; use copy,unet or none", "--baselines")
+    if "cnn" in names:
+        raise UserError("baseline 'cnn' adds Table-1 rows to the native protocol only; drop it (copy,unet or none) "
+                        "or use --protocol native", "--baselines")
     R._check_convention(convention)
     if think_max_length < 1 or answer_max_length < 1:
         raise UserError("with --protocol released the token bounds are their max_length and must be >= 1",
