@@ -63,4 +63,40 @@ def test_probe_masks_with_the_input_only(setup: tuple[Path, Path], monkeypatch: 
     monkeypatch.setattr(probe, "psnr", spy)
     res = probe.probe_slices(engine_for(load_for_inference(ckpt)), pairs, times=(0.5,))
     assert res["n"] == 2 and res["conditioning_gap_db"] == res["psnr_own"] - res["psnr_other"]
-    assert len(seen) == 6 and all(not p[~inner].any() and p[inner].any() for p in seen)
+    # 2 slices x 3 contexts, one-step estimates and sampled images alike
+    assert len(seen) == 12 and all(not p[~inner].any() and p[inner].any() for p in seen)
+    assert res["sampled_gap_db"] == res["psnr_sampled_own"] - res["psnr_sampled_other"]
+
+
+def test_probe_samples_like_impute_with_the_same_noise_in_every_context(setup: tuple[Path, Path]) -> None:
+    """psnr_sampled_*: one image per context from ``generate_modality`` (no thinking) with a generator
+    seeded per slice, so the contexts differ only in what the model is given."""
+    import numpy as np
+    import torch
+
+    from unibrain_cli.data.slices_data import SliceDataset
+    from unibrain_cli.data.slicing import slice_brain_mask
+    from unibrain_cli.evaluation import probe
+    from unibrain_cli.evaluation.metrics import psnr
+    from unibrain_cli.inference.checkpoint import load_for_inference
+    from unibrain_cli.inference.diagnose import engine_for
+    from unibrain_cli.inference.engine import generate_modality
+    from unibrain_cli.modalities import MODALITIES
+
+    ckpt, slices = setup
+    engine = engine_for(load_for_inference(ckpt))
+    ds = SliceDataset(slices, split="test", is_eval=True, require=("t1", "t2"))
+    pairs = [(img[MODALITIES.index("t1")], img[MODALITIES.index("t2")])
+             for img in (ds.arrays(i)["images"] for i in range(len(ds)))]
+    res = probe.probe_slices(engine, pairs, times=(0.5,), seed=3)
+    expect = {"own": [], "none": []}
+    for i, (src, tgt) in enumerate(pairs):
+        mask = torch.from_numpy(slice_brain_mask(np.asarray(src)[None]).astype(np.float32))
+        for name, img in (("own", src), ("none", None)):
+            ctx = engine.start([] if img is None else engine.encode(torch.from_numpy(np.asarray(img))[None], ["t1"]))
+            image, _ = generate_modality(engine, ctx, ["t1"], "t2", torch.Generator().manual_seed(3 + 2 + i), 0,
+                                         brain=mask)
+            expect[name].append(psnr(image.clamp(0, 1).numpy(), np.asarray(tgt)))
+    assert res["psnr_sampled_own"] == pytest.approx(sum(expect["own"]) / len(pairs), rel=1e-6)
+    assert res["psnr_sampled_none"] == pytest.approx(sum(expect["none"]) / len(pairs), rel=1e-6)
+    assert res["psnr_sampled_own"] != res["psnr_sampled_other"]  # the random model's sample sees the image

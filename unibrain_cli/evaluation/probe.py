@@ -21,6 +21,12 @@ three contexts (so they differ only in what the model is given) and never derive
 ``psnr_own`` well above ``psnr_other`` means the image it would generate depends on the input it
 was given: ``conditioning_gap_db = psnr_own - psnr_other``.
 
+The one-step estimate is the model's conditional MEAN latent, decoded; the autoencoder scores a
+decoded mean latent lower than the mean of decoded images (README, seventh session). So the probe
+also samples one image per context the way ``impute`` does (:func:`~unibrain_cli.inference.engine.
+generate_modality`: the recipe's sampler, no thinking, the same noise in all three contexts, zeroed
+outside the input mask): ``psnr_sampled_<context>`` and ``sampled_gap_db`` (own - other).
+
 :func:`probe_slices` runs it on an already-loaded engine and in-memory slices (``unibrain
 evaluate`` reports it under Table 2); :func:`conditioning_probe` loads a checkpoint and a slices
 folder.
@@ -46,7 +52,7 @@ from unibrain_cli.data.slicing import slice_brain_mask
 from unibrain_cli.evaluation.metrics import psnr
 from unibrain_cli.inference.checkpoint import load_for_inference
 from unibrain_cli.inference.diagnose import engine_for
-from unibrain_cli.inference.engine import Engine
+from unibrain_cli.inference.engine import Engine, generate_modality
 from unibrain_cli.modalities import MODALITIES, parse_modality
 
 CONTEXTS: tuple[str, ...] = ("own", "other", "none")
@@ -71,7 +77,9 @@ def probe_slices(
     [0, 1]; the ``other`` context of slice i is the input of slice i + 1 (cyclically), so at least 2
     are needed (ValueError otherwise). Returns the mean velocity MSE per context (``own``,
     ``other``, ``none``), the mean one-step PSNR per context (``psnr_own`` ..., dB),
-    ``conditioning_gap_db`` (``psnr_own - psnr_other``) and ``n``. Deterministic for a ``seed``
+    ``conditioning_gap_db`` (``psnr_own - psnr_other``), the PSNR of one sampled image per context
+    (``psnr_sampled_own`` ...; the same noise in every context) and ``sampled_gap_db``, and ``n``.
+    Deterministic for a ``seed``
     (noise from CPU generators, whatever the engine's device).
     """
     src, tgt = parse_modality(source), parse_modality(target)
@@ -83,6 +91,7 @@ def probe_slices(
     g_pure = torch.Generator().manual_seed(seed + 1)
     errors: dict[str, list[float]] = {c: [] for c in CONTEXTS}
     scores: dict[str, list[float]] = {c: [] for c in CONTEXTS}
+    sampled: dict[str, list[float]] = {c: [] for c in CONTEXTS}
     for i, (own_src, own_tgt) in enumerate(pairs):
         x0 = engine.encode(torch.from_numpy(np.asarray(own_tgt, np.float32))[None], [tgt])[0].vae_tokens.float().cpu()
         noise = [torch.randn(x0.shape, generator=g) for _ in times]
@@ -100,9 +109,16 @@ def probe_slices(
             est = pure - engine.velocity(ctx, pure, 1.0, tgt).cpu()
             mean = engine.decode([est], engine.latent_grid)[0].float().cpu() * mask
             scores[name].append(psnr(mean.clamp(0, 1).numpy(), np.asarray(own_tgt)))
+            guided = engine.start([] if images[name] is None else engine.encode(
+                torch.from_numpy(np.asarray(images[name], np.float32))[None], [src]))
+            image, _ = generate_modality(engine, guided, [src], tgt, torch.Generator().manual_seed(seed + 2 + i), 0,
+                                         brain=mask)
+            sampled[name].append(psnr(image.clamp(0, 1).numpy(), np.asarray(own_tgt)))
     out: dict[str, float | int] = {**{c: sum(v) / len(v) for c, v in errors.items()},
-                                   **{f"psnr_{c}": sum(v) / len(v) for c, v in scores.items()}}
+                                   **{f"psnr_{c}": sum(v) / len(v) for c, v in scores.items()},
+                                   **{f"psnr_sampled_{c}": sum(v) / len(v) for c, v in sampled.items()}}
     out["conditioning_gap_db"] = float(out["psnr_own"]) - float(out["psnr_other"])
+    out["sampled_gap_db"] = float(out["psnr_sampled_own"]) - float(out["psnr_sampled_other"])
     out["n"] = n
     return out
 

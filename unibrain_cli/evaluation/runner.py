@@ -1051,7 +1051,10 @@ def probe_line(probe: dict[str, Any]) -> str:
     src, tgt = (tables.PAPER_MODALITY[m] for m in PROBE_CHAIN)
     return (f"Conditioning probe ({src} → {tgt}, n={probe['n']}): one-step PSNR with the case's own {src} "
             f"{probe['psnr_own']:.2f} dB, another case's {src} {probe['psnr_other']:.2f} dB, no image "
-            f"{probe['psnr_none']:.2f} dB; conditioning gap (own - other) {probe['conditioning_gap_db']:+.2f} dB.")
+            f"{probe['psnr_none']:.2f} dB; conditioning gap (own - other) {probe['conditioning_gap_db']:+.2f} dB. "
+            f"One sampled image each (no thinking, same noise): {probe['psnr_sampled_own']:.2f} / "
+            f"{probe['psnr_sampled_other']:.2f} / {probe['psnr_sampled_none']:.2f} dB, gap "
+            f"{probe['sampled_gap_db']:+.2f} dB.")
 
 
 def unet_time_line(unet_seconds: dict[str, float], steps: int, unified_seconds: float | None) -> str:
