@@ -23,7 +23,6 @@ from unibrain_cli.evaluation import runner as R
 from unibrain_cli.evaluation import tables
 from unibrain_cli.evaluation.classifier import train_classifier
 from unibrain_cli.evaluation.scenarios import scenario_inputs
-from unibrain_cli.inference.bench import make_random_checkpoint
 from unibrain_cli.modalities import MODALITIES
 from unibrain_cli.released.evaluate import evaluate_released
 
@@ -58,11 +57,6 @@ def write_cnn_slices(root: Path, seed: int = 0) -> Path:
                          "modalities": "|".join(m for m in MODALITIES if m in mods), "lesion_area_px": 10,
                          "impression": "a lesion"})
     return save_slices_folder(root, rows, slices, S, shard_rows=len(slices))
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -31,15 +31,9 @@ from unibrain_cli.evaluation.metrics import (
     reference_uint8,
 )
 from unibrain_cli.evaluation.scenarios import middle_lesion_index, paper_slice_position, scored_targets
-from unibrain_cli.inference.bench import make_random_checkpoint
 from unibrain_cli.modalities import MODALITIES
 
 S = 32
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "model")
 
 
 @pytest.fixture(scope="module")

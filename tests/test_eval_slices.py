@@ -22,12 +22,6 @@ from unibrain_cli.evaluation import runner as R
 from unibrain_cli.evaluation import tables
 from unibrain_cli.evaluation.stats import bootstrap_ci
 from unibrain_cli.evaluation.tables import TABLE1_METRICS, per_case_mean, summarize
-from unibrain_cli.inference.bench import make_random_checkpoint
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from unibrain_cli.evaluation.scenarios import (
     scenario_targets,
 )
 from unibrain_cli.evaluation.tables import EMPTY
-from unibrain_cli.inference.bench import make_random_checkpoint
 from unibrain_cli.modalities import MODALITIES
 
 S = 32  # the tiny recipe's slice size
@@ -72,11 +71,6 @@ def write_slices(root: Path, size: int = S, seed: int = 0) -> Path:
                 "global_finding_2d": "a lesion", "global_finding": "a lesion", "impression": impression,
             })
     return save_slices_folder(root, rows, slices, size, shard_rows=len(slices))
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from unibrain_cli.cli.app import app
-from unibrain_cli.inference.bench import make_random_checkpoint
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "model")
 
 
 @pytest.fixture(scope="module")

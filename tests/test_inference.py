@@ -15,7 +15,6 @@ import torch
 from unibrain_cli.data import templates
 from unibrain_cli.errors import UserError
 from unibrain_cli.inference import blocks
-from unibrain_cli.inference.bench import make_random_checkpoint
 from unibrain_cli.inference.checkpoint import load_for_inference, resolve_checkpoint
 from unibrain_cli.inference.diagnose import diagnose
 from unibrain_cli.inference.engine import Engine, diagnosis_scores, impute_chain
@@ -37,11 +36,6 @@ from unibrain_cli.inference.report import format_report, report
 from unibrain_cli.modalities import DISEASES
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "model")
 
 
 @pytest.fixture(scope="module")
