@@ -99,9 +99,11 @@ def probe_slices(
         mask = torch.from_numpy(slice_brain_mask(np.asarray(own_src)[None]).astype(np.float32))
         images = {"own": own_src, "other": pairs[(i + 1) % n][0], "none": None}
         for name in CONTEXTS:
+            encoded = ([] if images[name] is None
+                       else engine.encode(torch.from_numpy(np.asarray(images[name], np.float32))[None], [src]))
             ctx = engine.new_context()
-            if images[name] is not None:
-                engine.add_images(ctx, engine.encode(torch.from_numpy(np.asarray(images[name], np.float32))[None], [src]))
+            if encoded:
+                engine.add_images(ctx, encoded)
             engine.add_text(ctx, instruction)
             for t, eps in zip(times, noise, strict=True):
                 v = engine.velocity(ctx, (1 - t) * x0 + t * eps, t, tgt).cpu()
@@ -109,9 +111,7 @@ def probe_slices(
             est = pure - engine.velocity(ctx, pure, 1.0, tgt).cpu()
             mean = engine.decode([est], engine.latent_grid)[0].float().cpu() * mask
             scores[name].append(psnr(mean.clamp(0, 1).numpy(), np.asarray(own_tgt)))
-            guided = engine.start([] if images[name] is None else engine.encode(
-                torch.from_numpy(np.asarray(images[name], np.float32))[None], [src]))
-            image, _ = generate_modality(engine, guided, [src], tgt, torch.Generator().manual_seed(seed + 2 + i), 0,
+            image, _ = generate_modality(engine, engine.start(encoded), [src], tgt, torch.Generator().manual_seed(seed + 2 + i), 0,
                                          brain=mask)
             sampled[name].append(psnr(image.clamp(0, 1).numpy(), np.asarray(own_tgt)))
     out: dict[str, float | int] = {**{c: sum(v) / len(v) for c, v in errors.items()},
