@@ -28,6 +28,7 @@ from unibrain_cli.inference.engine import (
     generate_answer,
     impute_chain,
     parse_first_answer,
+    thinking_prompt,
 )
 from unibrain_cli.model.batch_cache import BatchKVCache
 
@@ -109,11 +110,12 @@ def _text_pack(eng, ids):
     return b.build()
 
 
-@pytest.mark.parametrize("guided", [False, True])
-def test_batched_chains_equal_one_by_one(bundle, guided):
+@pytest.mark.parametrize(("guided", "plan"), [(False, "generated"), (True, "generated"), (True, "forced")])
+def test_batched_chains_equal_one_by_one(bundle, guided, plan):
     """Three slices x two seeds in one batch == each (slice, seed) chain alone: images, thinking,
-    and the answer asked from a batch row."""
+    and the answer asked from a batch row (also with the forced planning sentence)."""
     flow = {"cfg_text_scale": 2.0, "cfg_img_scale": 1.5, "cfg_renorm_type": "global"} if guided else {}
+    flow["thinking_plan"] = plan
     eng = engine(bundle, **flow)
     size = bundle.image_size
     t1, t2 = slices(3, size, 1), slices(3, size, 2)
@@ -234,3 +236,23 @@ def test_batched_answers_mix_first_and_second_tries(bundle, monkeypatch):
         assert batch.lengths[r] == singles[r].cache.length
     firsts = [a.text.startswith("first") for a in answers]
     assert any(firsts) and not all(firsts)
+
+
+def test_forced_plan_opens_every_thinking_and_reaches_the_image(bundle):
+    """flow.thinking_plan = "forced": each thinking text starts with the data flow's planning sentence for the
+    known inputs and that target, followed by at most the bound of generated tokens; the image is sampled
+    after it (so it differs from the generated plan's); "generated" prompts with bos alone."""
+    size = bundle.image_size
+    t1 = slices(1, size, 4)[0]
+    gen, forced = engine(bundle), engine(bundle, thinking_plan="forced")
+    assert thinking_prompt(gen, ["t1"], "t2") == [bundle.tokenizer.bos_id]
+    a = impute_chain(gen, {"t1": t1}, ["t2", "flair"], seed=3, thinking_tokens=5, steps=2)
+    b = impute_chain(forced, {"t1": t1}, ["t2", "flair"], seed=3, thinking_tokens=5, steps=2)
+    for known, target in ((["t1"], "t2"), (["t1", "t2"], "flair")):
+        plan = templates.planning_sentence(known, target)
+        prompt = thinking_prompt(forced, known, target)
+        assert prompt[0] == bundle.tokenizer.bos_id and bundle.tokenizer.decode(prompt[1:]) == plan
+        assert b.thinking[target].startswith(plan) and not a.thinking[target].startswith(plan)
+        rest = b.thinking[target][len(plan):]
+        assert len(bundle.tokenizer.encode(rest)) <= 5 + 1  # the bound, +1 for a token split at the seam
+    assert not torch.allclose(a.images["t2"], b.images["t2"])

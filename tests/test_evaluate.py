@@ -458,6 +458,22 @@ def test_image_guidance_scale_is_applied_recorded_and_checked(ckpt, slices, tmp_
                    "--cfg-img-scale")
 
 
+def test_thinking_plan_is_applied_recorded_and_checked(ckpt, slices, tmp_path):
+    """--thinking-plan replaces the recipe's flow.thinking_plan: eval.json and the tables' note record it, the
+    forced plan changes the thinking and so the chain images; an unknown plan is a one-line error."""
+    kw = dict(scenarios="t1", chain=True, **{**FAST, "thinking_tokens": 4})
+    gen = R.evaluate(ckpt, slices, tmp_path / "A", **kw)
+    forced = R.evaluate(ckpt, slices, tmp_path / "B", thinking_plan="forced", **kw)
+    assert gen.summary["thinking_plan"] == "generated" and forced.summary["thinking_plan"] == "forced"
+    assert any("flow.thinking_plan = forced" in n for n in forced.tables["table2"].notes)
+    assert any("flow.thinking_plan = generated" in n for n in gen.tables["table2"].notes)
+    a = pd.read_csv(tmp_path / "A" / "table2_cases.csv")["psnr"].to_numpy(dtype=float)
+    b = pd.read_csv(tmp_path / "B" / "table2_cases.csv")["psnr"].to_numpy(dtype=float)
+    assert a.size > 0 and not np.allclose(a, b)
+    one_line_error(["--ckpt", ckpt, "--data", slices, "--thinking-plan", "copied", "--out", tmp_path / "C"],
+                   "--thinking-plan")
+
+
 def test_batched_pass_equals_one_by_one(ckpt, slices, monkeypatch):
     """`--batch-size`: the rows of a pass computed 2 slices at a time (ragged last batch, cases
     outside some cohorts, a 2-seed ensemble) equal the one-by-one rows: the same answers, closed-set

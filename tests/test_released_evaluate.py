@@ -200,6 +200,7 @@ def test_bad_combinations_are_one_line_errors_and_write_nothing(released, slices
         (["--ckpt", released, "--protocol", "released", "--chain", "--baselines", "copy,two-stage"],
          ("--baselines", "two-stage", "closed-set")),
         (["--ckpt", released, "--cfg-img-scale", "2"], ("--cfg-img-scale", "fixed")),
+        (["--ckpt", released, "--thinking-plan", "forced"], ("--thinking-plan", "authors'")),
         (["--ckpt", released, "--batch-size", "4"], ("--batch-size", "one slice at a time")),
         (["--ckpt", released, "--protocol", "released", "--convention", "theirs"], ("--convention", "theirs")),
         (["--ckpt", released, "--protocol", "native", "--base", released], ("--base", "only applies")),

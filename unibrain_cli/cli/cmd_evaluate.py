@@ -36,6 +36,10 @@ def evaluate(
                                     "with --convention ours only)."),
     thinking_tokens: int | None = typer.Option(None, "--thinking-tokens", min=0, help="Bound on each thinking "
                                                "text (default 48; released: their max_length, default 800)."),
+    thinking_plan: str | None = typer.Option(None, "--thinking-plan", help="Planning sentence that opens each "
+                                             "thinking text: generated (by the model) or forced (the data flow's "
+                                             "template; the model writes the findings after it). Default: the "
+                                             "recipe's flow.thinking_plan. Native protocol only."),
     answer_tokens: int | None = typer.Option(None, "--answer-tokens", min=0, help="Bound on the generated answer "
                                              "(default 96; released: their max_length, default 512)."),
     seed: int = SEED,
@@ -75,7 +79,8 @@ def evaluate(
                           device=device, progress=not STATE.quiet, force=force, thinking_tokens=thinking_tokens,
                           answer_tokens=answer_tokens, cfg_img_scale=cfg_img_scale,
                           convention=convention.lower() if convention is not None else None, protocol=protocol,
-                          base=base, batch_size=batch_size, eval_slices=eval_slices.lower())
+                          base=base, batch_size=batch_size, eval_slices=eval_slices.lower(),
+                          thinking_plan=thinking_plan.lower() if thinking_plan is not None else None)
     for table in result.tables.values():
         print_table(to_rich(table))
     print_table(Text(convention_line(result.summary["convention"])))

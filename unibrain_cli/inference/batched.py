@@ -37,6 +37,7 @@ from unibrain_cli.inference.engine import (
     diagnosis_tokens,
     forced_answer,
     parse_first_answer,
+    thinking_prompt,
 )
 from unibrain_cli.model.batch_cache import BatchKVCache, BatchStep
 from unibrain_cli.model.packing import PackedSequence
@@ -232,7 +233,8 @@ def impute_chains(
         append_text(engine, ctx.img_uncond, rows, [instruction] * batch)
         thoughts: list[list[int]] = [[] for _ in rows]
         if thinking_tokens > 0:
-            thoughts = generate_batch(engine, ctx.cond, rows, [[tok.bos_id]] * batch, thinking_tokens)
+            prompt = thinking_prompt(engine, known, target)
+            thoughts = [prompt[1:] + t for t in generate_batch(engine, ctx.cond, rows, [prompt] * batch, thinking_tokens)]
             closed = [[tok.bos_id, *t] if t and t[-1] == tok.eos_id else [tok.bos_id, *t, tok.eos_id] for t in thoughts]
             append_text(engine, ctx.img_uncond, rows, closed)
         noise = torch.stack([engine.noise(g) for g in gens])

@@ -14,6 +14,11 @@ Text segments are ``[bos] + text + [eos]`` and images carry image markers
 :mod:`unibrain_cli.data.templates` (``instruction_for``, ``both_question``...), the same the
 training data flow uses as its first variant.
 
+Thinking: with ``flow.thinking_plan = "forced"`` its opening planning sentence is the data flow's
+template for the known inputs and the target (:func:`thinking_prompt`), forced like a prompt,
+and the model generates the rest (the findings of the known modalities); ``"generated"``: the
+model writes all of it after ``[bos]``.
+
 Image sampling: from seeded Gaussian noise, Euler steps with the recipe's ``sample_steps`` and
 ``sample_timestep_shift``; at every step the noisy latent block is queried against the cache
 (the cache is not updated). Classifier-free guidance (scales != 1) uses two more contexts, kept
@@ -402,7 +407,8 @@ def generate_modality(
     bos = engine.tokenizer.bos_id
     thought: list[int] = []
     if thinking_tokens > 0:
-        thought = engine.generate(ctx.cond, [bos], thinking_tokens)
+        prompt = thinking_prompt(engine, known, target)
+        thought = prompt[1:] + engine.generate(ctx.cond, prompt, thinking_tokens)
         closed = [bos, *thought] if thought and thought[-1] == engine.tokenizer.eos_id else [bos, *thought, engine.tokenizer.eos_id]
         engine.add_ids(ctx.img_uncond, closed)
     latents = engine.sample_latents(ctx, engine.noise(generator), steps, target)
@@ -414,6 +420,17 @@ def generate_modality(
     engine.add_images(ctx.text_uncond, [enc])
     text = engine.decode_text([i for i in thought if i != engine.tokenizer.eos_id])
     return image.float().cpu(), text
+
+
+def thinking_prompt(engine: Engine, known: Sequence[str], target: str) -> list[int]:
+    """The forced start of a thinking text before ``target``: ``[bos]``, followed with
+    ``flow.thinking_plan = "forced"`` by the planning sentence of the ``known`` inputs and the
+    target (:func:`templates.planning_sentence`, the data flow's first phrasing). The thinking
+    text is this prompt (without bos) + what the model generates after it (at most the bound)."""
+    prompt = [engine.tokenizer.bos_id]
+    if engine.flow.thinking_plan == "forced":
+        prompt += engine.tokenizer.encode(templates.planning_sentence(list(known), target))
+    return prompt
 
 
 def answer_prompt(engine: Engine) -> list[int]:
