@@ -107,12 +107,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
 import torch
 
+from unibrain_cli.config.components import ThinkingPlan
 from unibrain_cli.data import templates
 from unibrain_cli.data.slices_data import SliceDataset, load_index, read_slices_meta
 from unibrain_cli.data.slicing import slice_brain_mask
@@ -1272,7 +1273,7 @@ def _load(folder: Path, device: str, size: int, data: str | Path, cfg_img_scale:
 
 
 #: ``--thinking-plan`` values (``flow.thinking_plan``).
-THINKING_PLANS: tuple[str, ...] = ("generated", "forced")
+THINKING_PLANS: tuple[str, ...] = get_args(ThinkingPlan)
 
 
 def evaluate(
