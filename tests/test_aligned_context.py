@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from unibrain_cli.config.components import ModelConfig
 from unibrain_cli.modalities import MODALITIES
@@ -15,6 +16,7 @@ from unibrain_cli.model.packing import PackedSequence
 CFG = ModelConfig()
 ON = replace(CFG, aligned_context="on")
 GAIN = replace(ON, aligned_gain=10.0)  # the path's output ten times the projection's
+DRAFT = replace(ON, aligned_draft=8)  # plus a draft network of width 8
 D = 16  # latent_patch_size**2 * vae.z_channels of the default config
 GRID = (3, 2)
 T1, T2, FLAIR = (MODALITIES.index(m) for m in ("t1", "t2", "flair"))
@@ -74,7 +76,7 @@ def test_stack_holds_exactly_the_earlier_images_of_the_same_sample():
     assert not a_other.any() and not b_other.any()  # own slot, later images, other sample: empty
 
 
-@pytest.mark.parametrize("cfg", [ON, GAIN], ids=["gain1", "gain10"])
+@pytest.mark.parametrize("cfg", [ON, GAIN, DRAFT], ids=["gain1", "gain10", "draft"])
 def test_an_earlier_context_image_changes_the_target_through_the_aligned_path(cfg):
     on = _model(cfg)
     changed = {**LATS, "a_t1": LATS["a_t1"] + 1.0}
@@ -88,7 +90,7 @@ def test_an_earlier_context_image_changes_the_target_through_the_aligned_path(cf
     assert not torch.allclose(delta_on, delta_off, atol=1e-6)
 
 
-@pytest.mark.parametrize("cfg", [ON, GAIN], ids=["gain1", "gain10"])
+@pytest.mark.parametrize("cfg", [ON, GAIN, DRAFT], ids=["gain1", "gain10", "draft"])
 def test_own_ground_truth_later_images_and_other_samples_never_reach_the_target(cfg):
     m = _model(cfg)
     base = _velocity(m, LATS)
@@ -122,7 +124,7 @@ def test_off_is_bit_identical_and_on_starts_as_off():
     assert torch.equal(_velocity(off, LATS), _velocity(on, LATS))
 
 
-@pytest.mark.parametrize("cfg", [ON, GAIN], ids=["gain1", "gain10"])
+@pytest.mark.parametrize("cfg", [ON, GAIN, DRAFT], ids=["gain1", "gain10", "draft"])
 def test_cached_query_sees_the_cached_images_and_equals_the_packed_forward(cfg):
     m = _model(cfg)
     full = m.builder(image_markers=(1, 2))
@@ -229,3 +231,77 @@ def test_adopting_a_trained_path_of_another_gain_is_one_user_error():
         adopt_config(_model(ON), GAIN)
     fresh = adopt_config(_model(ON, trained=False), GAIN)
     assert fresh.aligned_context is not None and fresh.aligned_context.gain == 10.0 and fresh.config == GAIN
+
+
+def test_a_draft_starts_as_the_plain_path_and_draws_nothing_from_the_global_rng():
+    torch.manual_seed(0)
+    on = UniBrainModel(ON).eval()
+    after_on = torch.rand(3)
+    torch.manual_seed(0)
+    drafted = UniBrainModel(DRAFT).eval()
+    assert torch.equal(torch.rand(3), after_on)
+    a, b = on.state_dict(), drafted.state_dict()
+    assert {k for k in b if k not in a} == {k for k in b if k.startswith("aligned_context.draft.")}
+    for k, v in a.items():
+        if k != "aligned_context.weight":
+            assert torch.equal(v, b[k]), k
+    assert drafted.aligned_context.weight.shape[1] == a["aligned_context.weight"].shape[1] + D
+    assert torch.equal(_velocity(on, LATS), _velocity(drafted, LATS))  # zero projection: the draft is not read
+
+
+def test_the_projection_reads_each_targets_stack_and_its_draft():
+    m = _model(DRAFT)
+    aligned = m.aligned_context
+    assert aligned is not None and aligned.draft is not None and aligned.draft_width == 8
+    pack = _pack(m, LATS)
+    stack, spans = aligned.stack_spans(pack)
+    assert [(r, n, tuple(g), mod) for r, n, g, mod in spans] == [(0, 6, GRID, T2), (6, 6, GRID, T1)]
+    rows = aligned.draft_rows(stack, spans)
+    with torch.no_grad():
+        want_a = aligned.draft(stack[:6][None], GRID, torch.tensor([T2]))[0]
+        want_b = aligned.draft(stack[6:][None], GRID, torch.tensor([T1]))[0]
+        torch.testing.assert_close(rows, torch.cat([want_a, want_b]))
+        torch.testing.assert_close(aligned(pack), F.linear(torch.cat([stack, rows], 1), aligned.weight, aligned.bias))
+    # the target slot is an input: the same stack drafts another image for another target
+    with torch.no_grad():
+        assert not torch.allclose(want_a, aligned.draft(stack[:6][None], GRID, torch.tensor([FLAIR]))[0])
+
+
+def test_a_draft_is_part_of_the_paths_layout_and_needs_the_same_position_path():
+    from unibrain_cli.config.validate import validate_model_config
+
+    torch.manual_seed(0)
+    m = UniBrainModel(ON).eval()
+    m.set_aligned_context("on", draft=8)  # an untrained path (after sa) takes the run's draft
+    assert m.aligned_context is not None and m.aligned_context.draft_width == 8
+    with pytest.raises(ValueError, match="is trained"):
+        _model(ON).set_aligned_context("on", draft=8)
+    with pytest.raises(ValueError, match="aligned_draft"):
+        validate_model_config(replace(CFG, aligned_draft=8))
+    with pytest.raises(ValueError, match="aligned_draft"):
+        validate_model_config(replace(ON, aligned_window=3, aligned_draft=8))
+
+
+def test_a_recipe_with_a_draft_needs_draft_pairs():
+    from unibrain_cli.config import load_recipe
+    from unibrain_cli.config.loader import RecipeError
+
+    with pytest.raises(RecipeError, match="draft_pairs"):
+        load_recipe("tiny", ["model.aligned_context=on", "model.aligned_draft=8"])
+    ok = load_recipe("tiny", ["model.aligned_context=on", "model.aligned_draft=8", "data.draft_pairs=4"])
+    assert ok.model.aligned_draft == 8 and ok.data.draft_pairs == 4
+
+
+def test_the_optimizer_trains_the_draft_at_its_own_learning_rate():
+    from unibrain_cli.config.components import StageConfig
+    from unibrain_cli.training.trainer import build_optimizer
+
+    m = _model(DRAFT)
+    opt = build_optimizer(m, StageConfig(lr=1e-3), (0.9, 0.95))
+    draft = {id(p) for p in m.aligned_context.draft.parameters()}
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert len(lrs) == sum(1 for _ in m.parameters())
+    assert all(lrs[i] == pytest.approx(3e-3) for i in draft)
+    assert all(v == pytest.approx(1e-3) for i, v in lrs.items() if i not in draft)
+    plain = build_optimizer(_model(ON), StageConfig(lr=1e-3), (0.9, 0.95))
+    assert len(plain.param_groups) == 2  # models without a draft keep the two usual groups

@@ -484,3 +484,21 @@ def test_canonical_order_keeps_modalities_order_and_leaves_zero_unchanged():
     canonical = [list(p.start_modalities) + list(p.targets) for p in (build_plan(RECORDS[0], rng, half) for _ in range(300))]
     share = np.mean([o == sorted(o, key=rank.__getitem__) for o in canonical])
     assert 0.5 < share < 0.8  # half canonical by choice, plus random permutations that happen to be sorted
+
+
+def test_draft_pairs_follow_the_generation_orders():
+    """data flow's first-target rule for the draft network's pairs: canonical order -> the inputs are a
+    prefix of the present modalities and the target the next one; random order -> any target, never in
+    its own context; every n_in in 1..n-1 occurs."""
+    from unibrain_cli.data.dataflow import draft_pair
+
+    present = ("t1", "t2", "flair", "t1ce")
+    rng = np.random.default_rng(0)
+    canon = [draft_pair(present, rng, DataConfig(canonical_order_prob=1.0)) for _ in range(200)]
+    assert all(ctx == present[:len(ctx)] and tgt == present[len(ctx)] for ctx, tgt in canon)
+    assert {len(ctx) for ctx, _ in canon} == {1, 2, 3}
+    mixed = [draft_pair(present, rng, DataConfig(canonical_order_prob=0.0)) for _ in range(400)]
+    assert all(tgt not in ctx and len(set(ctx)) == len(ctx) for ctx, tgt in mixed)
+    assert {tgt for _, tgt in mixed} == set(present)
+    with pytest.raises(ValueError, match="at least 2"):
+        draft_pair(("t1",), rng, DataConfig())

@@ -17,6 +17,7 @@ from unibrain_cli.config.components import Recipe
 from unibrain_cli.data.dataflow import SamplePlan, self_alignment_plan
 from unibrain_cli.data.tokenizer import TextTokenizer
 from unibrain_cli.errors import UserError
+from unibrain_cli.modalities import MODALITIES
 from unibrain_cli.model.checkpoint import from_pretrained
 from unibrain_cli.model.embeddings import patch_tokens
 from unibrain_cli.model.packing import TokenType
@@ -30,7 +31,7 @@ from unibrain_cli.training.materialize import (
     unpatch,
 )
 from unibrain_cli.training.model_init import bpe_tokenizer
-from unibrain_cli.training.run import train
+from unibrain_cli.training.run import recipe_fingerprint, train
 from unibrain_cli.training.stages import StageContext, stage_generator
 from unibrain_cli.training.stages.dhs import DHSStage
 from unibrain_cli.training.stages.sa import SAStage
@@ -63,12 +64,15 @@ def pipeline(slices: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-def copy_vae_run(pipeline: Path, dest: Path) -> Path:
-    """A run folder holding only the pipeline's finished vae stage (same model/data recipe)."""
+def copy_vae_run(pipeline: Path, dest: Path, recipe: Recipe | None = None) -> Path:
+    """A run folder holding only the pipeline's finished vae stage (same model/data recipe, or
+    ``recipe``'s when given: a model change the vae stage does not see)."""
     dest.mkdir(parents=True)
     shutil.copytree(pipeline / "vae", dest / "vae")
     info = json.loads((pipeline / "run.json").read_text())
     info["stages_done"], info["stages"] = ["vae"], {"vae": info["stages"]["vae"]}
+    if recipe is not None:
+        info["recipe_hash"], info["recipe"] = recipe_fingerprint(recipe)
     (dest / "run.json").write_text(json.dumps(info))
     return dest
 
@@ -293,12 +297,16 @@ def test_sa_trains_only_the_generation_expert(pipeline: Path, slices: Path, tmp_
     assert "model.language_model.model.layers.1.self_attn.k_norm_moe_gen" in trainable
 
 
-def test_unified_resume_two_plus_two_equals_four(pipeline: Path, slices: Path, tmp_path: Path) -> None:
-    recipe = recipe_with(VAE, {"name": "unified", "steps": 4, "lr": 1e-3})
-    straight = copy_vae_run(pipeline, tmp_path / "A")
+DRAFT_SETS = ("model.aligned_context=on", "model.aligned_draft=8", "data.draft_pairs=4")
+
+
+@pytest.mark.parametrize("extra", [(), DRAFT_SETS], ids=["plain", "draft"])
+def test_unified_resume_two_plus_two_equals_four(extra, pipeline: Path, slices: Path, tmp_path: Path) -> None:
+    recipe = recipe_with(VAE, {"name": "unified", "steps": 4, "lr": 1e-3}, extra=extra)
+    straight = copy_vae_run(pipeline, tmp_path / "A", recipe)
     train(recipe, slices, straight, stage="unified")
 
-    resumed = copy_vae_run(pipeline, tmp_path / "B")
+    resumed = copy_vae_run(pipeline, tmp_path / "B", recipe)
 
     def stop(info) -> None:
         if info.step == 2:
@@ -320,6 +328,55 @@ def test_unified_resume_two_plus_two_equals_four(pipeline: Path, slices: Path, t
         return [x["loss"] for x in lines if x["kind"] == "train" and x["stage"] == "unified"]
 
     assert losses(straight) == losses(resumed) and len(losses(straight)) == 4
+    if extra:  # the draft network is trained on its pairs (its own loss term), from its fixed init
+        from unibrain_cli.model.aligned import AlignedDraft
+
+        terms = [json.loads(x)["terms"] for x in (straight / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(x)["kind"] == "train"]
+        assert all(t["draft"] > 0 for t in terms)
+        init = AlignedDraft(len(MODALITIES), 16, 8).state_dict()
+        assert all(not torch.equal(a[f"aligned_context.draft.{k}"], v) for k, v in init.items())
+
+
+def test_draft_pairs_are_stacked_as_the_aligned_path_stacks_a_target(pipeline: Path, slices: Path) -> None:
+    """The draft's training input for a pair equals what the aligned path stacks for a noisy target with the
+    same earlier images (so the draft is trained on what it sees at inference); the bank holds each slice's
+    latents as the autoencoder encodes it; the target is never in its own context; the packs are those of
+    a run without a draft."""
+    recipe = recipe_with(VAE, {"name": "unified", "steps": 1}, extra=DRAFT_SETS)
+    stage = UnifiedStage(ctx_for(recipe, 1, slices, pipeline))
+    module = stage.build_model()
+    out = stage.next_batch(0, stage_generator(0, 1, 0))
+    plain = UnifiedStage(ctx_for(recipe_with(VAE, {"name": "unified", "steps": 1}), 1, slices, pipeline))
+    assert plain.next_batch(0, stage_generator(0, 1, 0))["batch"].descriptions == out["batch"].descriptions
+    pairs = out["draft"]
+    geom = stage.geometry()
+    assert pairs.target.shape[0] == 4 and stage.loss_counts(out)["draft"] == 4 * geom.vae_image_tokens
+    d, w = geom.latent_dim, geom.latent_dim + 1
+    bits = pairs.stack[:, 0, d::w] == 1  # [B, S] presence bits
+    assert not bits[torch.arange(4), pairs.target_slot].any() and bool((bits.sum(1) >= 1).all())
+    idx, mods, bank = stage.draft_bank()
+    ds, _ = stage.dataset()
+    k = 0
+    slot = MODALITIES.index(mods[k][0])
+    with torch.no_grad():
+        alone = module.encode_images(torch.from_numpy(ds.arrays(idx[k])["images"][slot][None]))[0][0]
+    torch.testing.assert_close(bank[k, slot], alone, rtol=1e-5, atol=1e-5)
+    aligned = module.model.aligned_context
+    with torch.no_grad():
+        est, target = module.draft_estimates(pairs)
+        for j in range(4):
+            b = module.model.builder(image_markers=(1, 2))
+            for s_ in range(len(MODALITIES)):
+                if bits[j, s_]:
+                    b.add_vae_image(geom.latent_grid, latents=pairs.stack[j, :, s_ * w: s_ * w + d], modality=s_)
+            b.add_vae_image(geom.latent_grid, noisy=True, timestep=0.5, latents=torch.zeros_like(target[j]),
+                            modality=int(pairs.target_slot[j]))
+            stack, spans = aligned.stack_spans(b.build())
+            assert torch.equal(stack, pairs.stack[j])
+            torch.testing.assert_close(aligned.draft_rows(stack, spans), est[j])
+        loss = module.draft_loss(pairs)
+    torch.testing.assert_close(loss, (est - target).pow(2).mean())
 
 
 def test_model_stage_input_errors(pipeline: Path, slices: Path, tmp_path: Path) -> None:

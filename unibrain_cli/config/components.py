@@ -42,6 +42,9 @@ class DataConfig:
     # (inputs = a prefix, targets the next ones: the order `impute`/`evaluate` generate in)
     # instead of a random permutation; 0 = the paper's fully random order
     canonical_order_prob: float = 0.0
+    # with model.aligned_draft > 0: (context -> target) latent pairs per `unified` step on which the
+    # draft network is regressed (train slices drawn like the data flow's orders; model/aligned.py)
+    draft_pairs: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,10 @@ class ModelConfig:
     aligned_window: int = 1
     # fixed factor on the aligned path's output: under Adam a k-fold faster-growing path (model/aligned.py)
     aligned_gain: float = 1.0
+    # width of the aligned path's draft network (0 = none): a small convolutional net over the
+    # stacked context latents that regresses the target's clean latent (trained on its own loss,
+    # data.draft_pairs per step); the aligned projection then also reads this draft (model/aligned.py)
+    aligned_draft: int = 0
     attention_backend: AttentionBackend = "auto"
     tokenizer: Literal["bpe", "qwen2"] = "bpe"
     tokenizer_path: str = ""  # qwen2: local folder with tokenizer files

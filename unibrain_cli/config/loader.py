@@ -245,6 +245,11 @@ def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> None:
         raise RecipeError("'data.image_size' must be a multiple of the VAE downsample x latent patch size", source)
     if recipe.data.flow_draws < 1:
         raise RecipeError(f"'data.flow_draws' must be at least 1, got {recipe.data.flow_draws}", source)
+    if recipe.data.draft_pairs < 0:
+        raise RecipeError(f"'data.draft_pairs' must be >= 0, got {recipe.data.draft_pairs}", source)
+    if recipe.model.aligned_draft and not recipe.data.draft_pairs:
+        raise RecipeError("'model.aligned_draft' needs 'data.draft_pairs' > 0: the draft network is trained only "
+                          "on those pairs", source)
     if not 0.0 <= recipe.data.canonical_order_prob <= 1.0:
         raise RecipeError("'data.canonical_order_prob' must be a probability in [0, 1], "
                           f"got {recipe.data.canonical_order_prob}", source)

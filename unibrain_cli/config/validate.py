@@ -62,6 +62,11 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "") -> None:
         raise ValueError(f"{p}aligned_window={cfg.aligned_window} must be a positive odd number")
     if not cfg.aligned_gain > 0:
         raise ValueError(f"{p}aligned_gain={cfg.aligned_gain} must be > 0 (1: the plain projection)")
+    if cfg.aligned_draft < 0:
+        raise ValueError(f"{p}aligned_draft={cfg.aligned_draft} must be >= 0 (0: no draft network)")
+    if cfg.aligned_draft and (cfg.aligned_context != "on" or cfg.aligned_window != 1):
+        raise ValueError(f"{p}aligned_draft={cfg.aligned_draft} needs {p}aligned_context='on' and "
+                         f"{p}aligned_window=1")
     if cfg.image_rope == "2d" and cfg.llm.head_dim < 16:
         raise ValueError(f"{p}image_rope='2d' needs llm.head_dim >= 16, got {cfg.llm.head_dim}")
     if cfg.attention_backend not in CONFIG_BACKENDS:

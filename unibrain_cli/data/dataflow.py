@@ -392,6 +392,21 @@ def build_plan(record: Mapping[str, Any], rng: np.random.Generator, cfg: DataCon
     )
 
 
+def draft_pair(present: Sequence[str], rng: np.random.Generator, cfg: DataConfig) -> tuple[tuple[str, ...], str]:
+    """One (context modalities, target) pair for the aligned path's draft network, drawn like a
+    generation plan's first target: a random order of the ``present`` modalities (>= 2),
+    canonical with ``cfg.canonical_order_prob``, ``n_in`` uniform in 1..n-1; the inputs are the
+    first ``n_in``, the target the next one. No dropout: the draft learns from full contexts."""
+    n = len(present)
+    if n < 2:
+        raise ValueError(f"a draft pair needs at least 2 modalities, got {list(present)}")
+    order = [present[i] for i in rng.permutation(n)]
+    if cfg.canonical_order_prob > 0 and rng.random() < cfg.canonical_order_prob:
+        order = list(present)
+    n_in = int(rng.integers(1, n))
+    return tuple(order[:n_in]), order[n_in]
+
+
 def understanding_plan(record: Mapping[str, Any], rng: np.random.Generator, cfg: DataConfig) -> SamplePlan:
     """Understanding-only plan: a random non-empty subset of the present modalities, in random
     order, as ViT images (visual dropout per image, at least one kept), then question + answer.

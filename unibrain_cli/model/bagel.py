@@ -103,7 +103,7 @@ class UniBrainModel(nn.Module):
         self.aligned_context: AlignedContext | None = None
         if cfg.aligned_context == "on":
             self.aligned_context = AlignedContext(len(MODALITIES), latent_dim(cfg), hidden, cfg.aligned_window,
-                                                  cfg.aligned_gain)
+                                                  cfg.aligned_gain, cfg.aligned_draft)
         self.language_model.model.activation_checkpointing = cfg.activation_checkpointing
         self.reset_parameters()
 
@@ -137,24 +137,28 @@ class UniBrainModel(nn.Module):
             self.aligned_context.reset_parameters()
         self.language_model.init_generation_expert()
 
-    def set_aligned_context(self, mode: str, window: int | None = None, gain: float | None = None) -> None:
+    def set_aligned_context(self, mode: str, window: int | None = None, gain: float | None = None,
+                            draft: int | None = None) -> None:
         """Switch ``model.aligned_context`` on a built model: ``"on"`` adds a zero-initialised
-        :class:`AlignedContext` of the given layout (``window`` / ``gain``, default: this
-        model's config) when there is none (e.g. after loading a BAGEL folder: outputs are
-        unchanged until it is trained), or replaces one of another layout whose projection is still
-        all zeros (e.g. the ``sa`` stage's, which never trains it); ``"off"`` removes it. A trained
-        path of another layout is refused (ValueError): its weights would be dropped or rescaled."""
+        :class:`AlignedContext` of the given layout (``window`` / ``gain`` / ``draft`` width,
+        default: this model's config) when there is none (e.g. after loading a BAGEL folder: outputs
+        are unchanged until it is trained), or replaces one of another layout whose projection is
+        still all zeros (e.g. the ``sa`` stage's, which never trains it); ``"off"`` removes it. A
+        trained path of another layout is refused (ValueError): its weights would be dropped or
+        rescaled."""
         window = self.config.aligned_window if window is None else window
         gain = self.config.aligned_gain if gain is None else gain
+        draft = self.config.aligned_draft if draft is None else draft
         current = self.aligned_context
         if mode == "on":
-            if current is not None and (current.window, current.gain) == (window, float(gain)):
+            if current is not None and current.layout == (window, float(gain), draft):
                 return
-            if current is not None and (current.weight.any() or current.bias.any()):
-                raise ValueError(f"the loaded aligned path (window {current.window}, gain {current.gain:g}) is "
-                                 f"trained; it cannot become window {window}, gain {gain:g}")
+            if current is not None and current.trained:
+                raise ValueError(f"the loaded aligned path (window {current.window}, gain {current.gain:g}, draft "
+                                 f"{current.draft_width}) is trained; it cannot become window {window}, gain {gain:g}, "
+                                 f"draft {draft}")
             p = self.vae2llm.weight
-            module = AlignedContext(len(MODALITIES), self.latent_dim, self.config.llm.hidden_size, window, gain)
+            module = AlignedContext(len(MODALITIES), self.latent_dim, self.config.llm.hidden_size, window, gain, draft)
             self.aligned_context = module.to(device=p.device, dtype=p.dtype)
         elif mode == "off":
             self.aligned_context = None

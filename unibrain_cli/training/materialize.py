@@ -333,6 +333,28 @@ class TrainBatch:
         return dataclasses.replace(self, packed=self.packed.to(device), **changes)
 
 
+@dataclass(frozen=True)
+class DraftPairs:
+    """Ground-truth (context -> target) pairs for the aligned path's draft network
+    (``model.aligned_draft``; :meth:`UnifiedTrainModule.draft_loss`), as latent tokens.
+
+    ``stack`` [B, T, num_slots * (D + 1)]: each pair's context latents in their modality slots,
+    laid out as :meth:`AlignedContext.stack` lays out a noisy target's earlier images;
+    ``target_slot`` long [B]: the target's slot; ``target`` [B, T, D]: its clean latent tokens.
+    """
+
+    stack: Tensor
+    target_slot: Tensor
+    target: Tensor
+
+    def count(self) -> int:
+        """Latent tokens the draft loss averages over."""
+        return int(self.target.shape[0] * self.target.shape[1])
+
+    def to(self, device: torch.device | str) -> DraftPairs:
+        return DraftPairs(*(t.to(device) for t in (self.stack, self.target_slot, self.target)))
+
+
 def build_batch(
     samples: Sequence[Sequence[Item]],
     pixels: Tensor,

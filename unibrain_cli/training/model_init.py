@@ -139,9 +139,9 @@ def adopt_config(model: UniBrainModel, cfg: ModelConfig) -> UniBrainModel:
     ``aligned_context = "on"`` adds the zero-initialised aligned path to a model without it, e.g. a
     BAGEL-7B-MoT folder)."""
     try:
-        model.set_aligned_context(cfg.aligned_context, cfg.aligned_window, cfg.aligned_gain)
+        model.set_aligned_context(cfg.aligned_context, cfg.aligned_window, cfg.aligned_gain, cfg.aligned_draft)
     except ValueError as exc:
-        raise UserError(f"{exc}: use the checkpoint's model.aligned_window / aligned_gain, "
+        raise UserError(f"{exc}: use the checkpoint's model.aligned_window / aligned_gain / aligned_draft, "
                         "or start from an earlier stage") from exc
     model.config = cfg
     model.language_model.model.activation_checkpointing = cfg.activation_checkpointing

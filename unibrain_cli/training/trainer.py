@@ -25,7 +25,8 @@ stage without counts (``loss_counts`` returns ``{}``, e.g. ``vae``) is called as
 
 The LR follows a linear warm-up over ``warmup_steps`` then a cosine decay to ``min_lr`` at
 ``steps`` (:func:`lr_factor`). Weight decay applies to matrices (ndim >= 2) only. The model
-parameters seen by AdamW and the EMA are the ones left trainable by ``task.trainable_modules``.
+parameters seen by AdamW and the EMA are the ones left trainable by ``task.trainable_modules``;
+a submodule with an ``lr_scale`` attribute trains at that multiple of the LR (:func:`build_optimizer`).
 
 Resume is exact: a checkpoint stores weights, EMA, optimizer, scheduler, global RNGs, every
 rank's generator, the step and the data position as of the end of a completed step, and
@@ -155,10 +156,20 @@ def set_trainable(model: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
 
 
 def build_optimizer(model: nn.Module, stage: StageConfig, betas: tuple[float, float]) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; weight decay on ndim >= 2 tensors only."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW over trainable parameters; weight decay on ndim >= 2 tensors only. A submodule with an
+    ``lr_scale`` attribute (e.g. the aligned path's draft network) trains its parameters at
+    ``lr_scale`` times the stage's learning rate, in groups of their own after the usual two."""
+    scale: dict[int, float] = {}
+    for module in model.modules():
+        if hasattr(module, "lr_scale"):
+            for p in module.parameters():
+                scale[id(p)] = float(module.lr_scale)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = []
+    for k in sorted({1.0, *scale.values()}, key=lambda v: v != 1.0):
+        mine = [p for p in trainable if scale.get(id(p), 1.0) == k]
+        groups += [{"params": [p for p in mine if p.ndim >= 2], "weight_decay": stage.weight_decay, "lr": stage.lr * k},
+                   {"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0, "lr": stage.lr * k}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr, betas=tuple(betas))
 
 

@@ -22,6 +22,13 @@ means. Without ``norm`` (direct calls) each term is the micro-batch's own per-to
 latents and ViT patches are computed in ``forward`` (VAE frozen, no grad) from the slices'
 pixels. Trainable: the whole unified model; the autoencoder is frozen.
 
+With ``model.aligned_draft`` > 0 each micro-batch also carries ``data.draft_pairs`` ground-truth
+(context -> target) pairs of random train slices (:func:`dataflow.draft_pair`, drawn after the pack
+from the same numpy generator, so the packs are those of a run without a draft), and the loss adds
+the draft network's latent MSE (``draft``, normalised like the other terms by its global token
+count). The draft is read by the aligned projection detached, so only this term trains it
+(:mod:`unibrain_cli.model.aligned`).
+
 This module also holds what the three model stages share: :class:`UnifiedTrainModule` (the
 wrapped loss module) and :class:`ModelStage` (data, model building, export).
 """
@@ -43,6 +50,7 @@ from unibrain_cli.data.dataflow import (
     SamplePlan,
     build_plan,
     describe_plan,
+    draft_pair,
     pack_plans,
     plan_token_count,
     record_diseases,
@@ -54,10 +62,12 @@ from unibrain_cli.data.tokenizer import TextTokenizer
 from unibrain_cli.errors import UserError
 from unibrain_cli.flow.objective import sample_timesteps
 from unibrain_cli.modalities import MODALITIES
+from unibrain_cli.model.aligned import stack_slots
 from unibrain_cli.model.bagel import UniBrainModel
 from unibrain_cli.model.checkpoint import save_pretrained
 from unibrain_cli.model.vae import AutoEncoder
 from unibrain_cli.training.materialize import (
+    DraftPairs,
     ImageGeometry,
     Item,
     LossTerms,
@@ -123,9 +133,30 @@ class UnifiedTrainModule(nn.Module):
         loss = self.ntp_weight * t.ntp + self.flow_weight * (t.flow + t.sa)
         return {"loss": loss, "ntp": t.ntp.detach(), "flow": t.flow.detach(), "sa": t.sa.detach()}
 
-    def forward(self, batch: TrainBatch, norm: Mapping[str, float] | None = None) -> dict[str, Tensor]:
+    def draft_estimates(self, pairs: DraftPairs) -> tuple[Tensor, Tensor]:
+        """The draft network's estimates of the pairs' target latents and those latents, [B, T, D] each."""
+        aligned = self.model.aligned_context
+        if aligned is None or aligned.draft is None:
+            raise ValueError("draft pairs need a model with model.aligned_draft > 0")
+        return aligned.draft(pairs.stack, self.geom.latent_grid, pairs.target_slot), pairs.target
+
+    def draft_loss(self, pairs: DraftPairs, norm: Mapping[str, float] | None = None) -> Tensor:
+        """MSE of the draft's estimates (per token, mean over features), summed over tokens and
+        divided by ``norm["draft"]`` (default: this batch's token count)."""
+        est, target = self.draft_estimates(pairs)
+        per_token = (est.float() - target.float()).pow(2).mean(dim=-1)
+        denom = float((norm or {}).get("draft", per_token.numel()))
+        return per_token.sum() / max(denom, 1e-12)
+
+    def forward(self, batch: TrainBatch, norm: Mapping[str, float] | None = None,
+                draft: DraftPairs | None = None) -> dict[str, Tensor]:
         lat, vit = self.encode_images(batch.pixels)
-        return self.combine(self.terms(batch, lat, vit, norm=norm))
+        out = self.combine(self.terms(batch, lat, vit, norm=norm))
+        if draft is not None:
+            d = self.draft_loss(draft, norm)
+            out["loss"] = out["loss"] + d
+            out["draft"] = d.detach()
+        return out
 
 
 class ModelStage(StageTask):
@@ -141,6 +172,8 @@ class ModelStage(StageTask):
         self._dataset: SliceDataset | None = None
         self._records: list[dict[str, Any]] = []
         self._text: TextIds | None = None
+        self._draft_bank: tuple[list[int], list[tuple[str, ...]], Tensor] | None = None
+        self._vae: AutoEncoder | None = None
 
     # -- checks and data ---------------------------------------------------------------------------
     def usable(self, record: dict[str, Any]) -> bool:
@@ -204,6 +237,7 @@ class ModelStage(StageTask):
 
     def make_module(self, bundle: ModelBundle) -> UnifiedTrainModule:
         st = self.ctx.stage
+        self._vae = bundle.vae  # the frozen autoencoder also encodes the draft pairs' bank
         return UnifiedTrainModule(bundle.model, bundle.vae, self.geometry(), st.ntp_weight, st.flow_weight)
 
     def build_model(self) -> nn.Module:
@@ -276,7 +310,10 @@ class ModelStage(StageTask):
         return torch.randn((n, g.vae_image_tokens, g.latent_dim), generator=generator)
 
     def next_batch(self, position: int, generator: torch.Generator) -> dict[str, Any]:
-        rng = self.numpy_rng(generator)
+        return self.pack_batch(self.numpy_rng(generator), generator)
+
+    def pack_batch(self, rng: np.random.Generator, generator: torch.Generator) -> dict[str, Any]:
+        """One packed micro-batch: plans from ``rng``, flow times and noise from ``generator``."""
         samples, pixels, desc = self.materialize(self.draw_pack(rng))
         n = sum(1 for items in samples for it in items if getattr(it, "noisy", False))
         times = self.flow_times(n, generator)
@@ -284,14 +321,64 @@ class ModelStage(StageTask):
         batch = build_batch(samples, pixels, self.geometry(), self.markers(), times, noise, descriptions=desc)
         return {"batch": batch}
 
+    def draft_bank(self) -> tuple[list[int], list[tuple[str, ...]], Tensor]:
+        """Latent tokens of every train slice with at least two modalities, encoded once per stage
+        (in record order, 64 images per batch: the same values after a resume): (record indices,
+        their modalities, bank [n, num_slots, T, D] with zeros for absent modalities). Held on the
+        CPU: 24 MB for the demo's 990 slices (num_slots * T * D floats per slice)."""
+        if self._draft_bank is None:
+            if self._vae is None:
+                raise RuntimeError("build_model() must run before the draft pairs are drawn")
+            cfg, geom = self.ctx.recipe.data, self.geometry()
+            ds, records = self.dataset()
+            idx = [i for i, r in enumerate(records) if len(record_modalities(r, cfg.modalities)) >= 2]
+            if not idx:
+                raise UserError("no train slice has two modalities for the draft network's pairs",
+                                str(self.ctx.data_dir))
+            mods = [record_modalities(records[i], cfg.modalities) for i in idx]
+            where = [(k, MODALITIES.index(m)) for k, ms in enumerate(mods) for m in ms]
+            bank = torch.zeros(len(idx), len(MODALITIES), geom.vae_image_tokens, geom.latent_dim)
+            device = next(self._vae.parameters()).device
+            for start in range(0, len(where), 64):
+                chunk = where[start:start + 64]
+                pixels = torch.from_numpy(np.stack([ds.arrays(idx[k])["images"][slot] for k, slot in chunk]))
+                with torch.no_grad():
+                    lat = latent_tokens(self._vae, pixels.to(device), self.ctx.recipe.model).cpu()
+                for (k, slot), tokens in zip(chunk, lat):
+                    bank[k, slot] = tokens
+            self._draft_bank = (idx, mods, bank)
+        return self._draft_bank
+
+    def draw_draft_pairs(self, rng: np.random.Generator) -> DraftPairs:
+        """``data.draft_pairs`` ground-truth pairs (:func:`dataflow.draft_pair`) of random train
+        slices with at least two modalities, from :meth:`draft_bank`, for the draft network's loss."""
+        cfg = self.ctx.recipe.data
+        idx, mods, bank = self.draft_bank()
+        rows = np.empty(cfg.draft_pairs, dtype=np.int64)
+        present = torch.zeros(cfg.draft_pairs, len(MODALITIES), dtype=torch.bool)
+        target_slot = torch.zeros(cfg.draft_pairs, dtype=torch.long)
+        for j in range(cfg.draft_pairs):
+            k = int(rng.integers(len(idx)))
+            inputs, out = draft_pair(mods[k], rng, cfg)
+            rows[j] = k
+            present[j, [MODALITIES.index(m) for m in inputs]] = True
+            target_slot[j] = MODALITIES.index(out)
+        tokens = bank[torch.from_numpy(rows)]  # [B, S, T, D]
+        return DraftPairs(stack_slots(tokens, present), target_slot, tokens[torch.arange(len(rows)), target_slot])
+
     # -- loss and export ---------------------------------------------------------------------------
     def loss_counts(self, batch: dict[str, Any]) -> dict[str, int]:
         """NTP labels, generation and self-alignment noisy rows of the micro-batch (always all
-        three keys, so every rank joins the same all-reduce)."""
-        return batch["batch"].loss_counts()
+        three keys, so every rank joins the same all-reduce), and the draft pairs' latent tokens
+        when the stage draws them."""
+        counts = batch["batch"].loss_counts()
+        if "draft" in batch:
+            counts["draft"] = batch["draft"].count()
+        return counts
 
     def loss(self, model: nn.Module, batch: dict[str, Any], norm: Mapping[str, float] | None = None) -> StepOutput:
-        out = model(batch["batch"], norm=norm)
+        extra = {"draft": batch["draft"]} if "draft" in batch else {}
+        out = model(batch["batch"], norm=norm, **extra)
         terms = {k: float(v) for k, v in out.items() if k != "loss"}
         return StepOutput(out["loss"], terms, int(batch["batch"].packed.length))
 
@@ -305,3 +392,12 @@ class UnifiedStage(ModelStage):
     """See the module docstring."""
 
     name = "unified"
+
+    def next_batch(self, position: int, generator: torch.Generator) -> dict[str, Any]:
+        """The packed micro-batch, plus ``data.draft_pairs`` draft pairs with ``model.aligned_draft``
+        (drawn after the pack from the same generator, so the packs are those of a run without)."""
+        rng = self.numpy_rng(generator)
+        out = self.pack_batch(rng, generator)
+        if self.ctx.recipe.model.aligned_draft:
+            out["draft"] = self.draw_draft_pairs(rng)
+        return out
