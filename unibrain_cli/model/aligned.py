@@ -111,7 +111,8 @@ class AlignedDraft(nn.Module):
 
 
 class AlignedContext(nn.Module):
-    """A linear map ``weight`` [hidden, num_slots * (latent_dim + 1)] + ``bias`` [hidden], zero-initialised
+    """A linear map ``weight`` [hidden, num_slots * (latent_dim + 1)] (+ latent_dim columns for the draft
+    with ``draft`` > 0) + ``bias`` [hidden], zero-initialised
     (built from zeros directly, so adding the module draws nothing from the RNG: a model with it
     starts with the same other weights as one without, for the same seed).
 
@@ -126,6 +127,7 @@ class AlignedContext(nn.Module):
             zero either way; under Adam, whose steps do not scale with the gradient, a gain k makes
             the path's output move k times faster than the plain projection's (like a k-fold
             learning rate for these tensors alone).
+        draft: width of the :class:`AlignedDraft` (``model.aligned_draft``; 0 = none, needs window 1).
     """
 
     def __init__(self, num_slots: int, latent_dim: int, hidden: int, window: int = 1, gain: float = 1.0,
