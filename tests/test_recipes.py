@@ -132,3 +132,12 @@ def test_ablation_recipes_match_small_except_the_stages():
         assert r.data.understanding_only_prob == (1.0 if variant == "A" else small.data.understanding_only_prob)
         assert sum(s.steps for s in r.train.stages if s.name != "vae") == budget
         assert r.train.stages[0] == small.train.stages[0]
+
+
+def test_the_benchmarks_previous_small_is_a_valid_recipe():
+    """`make bench` (flow_signal_small) and the README's before/after rebuild the previous `small` as
+    `small` + SMALL_BEFORE overrides: they must stay loadable as `small` gains knobs."""
+    from unibrain_cli.training.bench import SMALL_BEFORE
+
+    r = load_recipe("small", SMALL_BEFORE)
+    assert r.model.aligned_context == "off" and r.model.aligned_draft == 0 and r.data.pack_tokens == 1280
