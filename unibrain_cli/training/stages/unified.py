@@ -322,8 +322,9 @@ class ModelStage(StageTask):
         return {"batch": batch}
 
     def draft_bank(self) -> tuple[list[int], list[tuple[str, ...]], Tensor]:
-        """Latent tokens of every train slice with at least two modalities, encoded once per stage
-        (in record order, 64 images per batch: the same values after a resume): (record indices,
+        """Latent tokens of every train slice with at least two modalities, encoded once per stage by
+        :meth:`build_model` (in record order, 64 images per batch: the same values after a
+        resume): (record indices,
         their modalities, bank [n, num_slots, T, D] with zeros for absent modalities). Held on the
         CPU: 24 MB for the demo's 990 slices (num_slots * T * D floats per slice)."""
         if self._draft_bank is None:
@@ -392,6 +393,15 @@ class UnifiedStage(ModelStage):
     """See the module docstring."""
 
     name = "unified"
+
+    def build_model(self) -> nn.Module:
+        """The stage's module; with ``model.aligned_draft`` the draft pairs' latent bank is encoded
+        here, before the trainer wraps the module (DDP / FSDP: sharded autoencoder weights could not
+        encode outside the wrapped forward)."""
+        module = super().build_model()
+        if self.ctx.recipe.model.aligned_draft:
+            self.draft_bank()
+        return module
 
     def next_batch(self, position: int, generator: torch.Generator) -> dict[str, Any]:
         """The packed micro-batch, plus ``data.draft_pairs`` draft pairs with ``model.aligned_draft``
