@@ -708,3 +708,42 @@ def test_dhs_aligned_slots_hold_the_generated_images(pipeline: Path, slices: Pat
     v = v.reshape(batch.num_slots, -1, v.shape[-1])
     gen = ~batch.slot_sa
     assert torch.allclose(batch.noise[gen] - v[gen], r.sampled[gen], atol=1e-4)
+
+
+def test_mirrored_draft_pairs_come_from_the_mirrored_slices(pipeline: Path, slices: Path) -> None:
+    """With ``data.draft_flip_prob`` the bank's second half holds each slice mirrored left-right and
+    encoded as such; a probability of 1 draws every pair (target and stacked context) from it; the
+    packs stay those of a run without a draft."""
+    plain_recipe = recipe_with(VAE, {"name": "unified", "steps": 1}, extra=DRAFT_SETS)
+    flip_recipe = recipe_with(VAE, {"name": "unified", "steps": 1}, extra=(*DRAFT_SETS, "data.draft_flip_prob=1.0"))
+    plain, flip = (UnifiedStage(ctx_for(r, 1, slices, pipeline)) for r in (plain_recipe, flip_recipe))
+    module = flip.build_model()
+    plain.build_model()
+    a, b = plain.next_batch(0, stage_generator(0, 1, 0)), flip.next_batch(0, stage_generator(0, 1, 0))
+    assert a["batch"].descriptions == b["batch"].descriptions
+    idx, mods, bank = flip.draft_bank()
+    _, _, plain_bank = plain.draft_bank()
+    n = len(idx)
+    assert bank.shape[0] == 2 * n and torch.equal(bank[:n], plain_bank)
+    ds, _ = flip.dataset()
+    slot = MODALITIES.index(mods[0][0])
+    image = torch.from_numpy(ds.arrays(idx[0])["images"][slot].copy())
+    with torch.no_grad():
+        mirrored = module.encode_images(image.flip(-1)[None])[0][0]
+    torch.testing.assert_close(bank[n, slot], mirrored, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(bank[n, slot], bank[0, slot], atol=1e-3)
+    pairs = b["draft"]
+    d, w = flip.geometry().latent_dim, flip.geometry().latent_dim + 1
+    for j in range(pairs.target.shape[0]):
+        t = int(pairs.target_slot[j])
+        rows = [r for r in range(2 * n) if torch.equal(bank[r, t], pairs.target[j])]
+        assert rows and all(r >= n for r in rows)
+        inputs = [s_ for s_ in range(len(MODALITIES)) if bool(pairs.stack[j, 0, s_ * w + d] == 1)]
+        assert inputs and t not in inputs
+        assert any(all(torch.equal(pairs.stack[j, :, s_ * w: s_ * w + d], bank[r, s_]) for s_ in inputs)
+                   for r in rows)
+
+
+def test_draft_flip_prob_outside_zero_one_is_a_recipe_error() -> None:
+    with pytest.raises(UserError, match="draft_flip_prob"):
+        recipe_with(VAE, extra=(*DRAFT_SETS, "data.draft_flip_prob=1.5"))

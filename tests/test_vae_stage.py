@@ -135,3 +135,24 @@ def test_load_trained_vae_errors(tmp_path: Path) -> None:
     (tmp_path / "ae.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match="bogus"):
         load_trained_vae(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["l1", "mse"])
+def test_recon_loss_selects_the_reconstruction_term(slices: Path, tmp_path: Path, kind: str) -> None:
+    recipe = vae_recipe(recon_loss=kind, kl_weight=0.0)
+    stage = stage_for(recipe, slices, tmp_path)
+    torch.manual_seed(0)
+    model = stage.build_model()
+    batch = stage.next_batch(0, stage_generator(0, 0, 0))
+    out = stage.loss(model, batch)
+    with torch.no_grad():
+        x_hat, _, _ = model(batch["x"], batch["eps"])
+    diff = (x_hat - batch["x"]).float()
+    want = diff.abs().mean() if kind == "l1" else diff.square().mean()
+    assert out.terms["recon"] == pytest.approx(float(want), rel=1e-6)
+    assert float(out.loss) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_unknown_recon_loss_is_a_recipe_error() -> None:
+    with pytest.raises(UserError, match="recon_loss"):
+        vae_recipe(recon_loss="l2")

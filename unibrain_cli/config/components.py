@@ -45,6 +45,9 @@ class DataConfig:
     # with model.aligned_draft > 0: (context -> target) latent pairs per `unified` step on which the
     # draft network is regressed (train slices drawn like the data flow's orders; model/aligned.py)
     draft_pairs: int = 0
+    # probability that a draft pair is the slice mirrored left-right (the bank then also holds the
+    # mirrored slices' latents; 0 = no mirroring, no extra random draw)
+    draft_flip_prob: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ class StageConfig:
     flow_weight: float = 1.0
     dhs_rollout_steps: int = 10  # dhs: few-step diffusion length per generation slot
     kl_weight: float = 1e-6  # vae: KL term weight
+    recon_loss: Literal["l1", "mse"] = "l1"  # vae: reconstruction term (l1: LDM/FLUX; mse: what PSNR scores)
     batch_size: int = 8  # vae: images per step
 
 

@@ -247,6 +247,8 @@ def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> None:
         raise RecipeError(f"'data.flow_draws' must be at least 1, got {recipe.data.flow_draws}", source)
     if recipe.data.draft_pairs < 0:
         raise RecipeError(f"'data.draft_pairs' must be >= 0, got {recipe.data.draft_pairs}", source)
+    if not 0.0 <= recipe.data.draft_flip_prob <= 1.0:
+        raise RecipeError(f"'data.draft_flip_prob' must be in [0, 1], got {recipe.data.draft_flip_prob}", source)
     if recipe.model.aligned_draft and not recipe.data.draft_pairs:
         raise RecipeError("'model.aligned_draft' needs 'data.draft_pairs' > 0: the draft network is trained only "
                           "on those pairs", source)

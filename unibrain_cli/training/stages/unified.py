@@ -325,8 +325,10 @@ class ModelStage(StageTask):
         """Latent tokens of every train slice with at least two modalities, encoded once per stage by
         :meth:`build_model` (in record order, 64 images per batch: the same values after a
         resume): (record indices,
-        their modalities, bank [n, num_slots, T, D] with zeros for absent modalities). Held on the
-        CPU: 24 MB for the demo's 990 slices (num_slots * T * D floats per slice)."""
+        their modalities, bank [n, num_slots, T, D] with zeros for absent modalities; with
+        ``data.draft_flip_prob`` > 0, [2n, ...]: row n + k holds slice k mirrored left-right, encoded
+        as such). Held on the CPU: 24 MB per copy for the demo's 990 slices (num_slots * T * D floats
+        per slice)."""
         if self._draft_bank is None:
             if self._vae is None:
                 raise RuntimeError("build_model() must run before the draft pairs are drawn")
@@ -338,21 +340,25 @@ class ModelStage(StageTask):
                                 str(self.ctx.data_dir))
             mods = [record_modalities(records[i], cfg.modalities) for i in idx]
             where = [(k, MODALITIES.index(m)) for k, ms in enumerate(mods) for m in ms]
-            bank = torch.zeros(len(idx), len(MODALITIES), geom.vae_image_tokens, geom.latent_dim)
+            views = 2 if cfg.draft_flip_prob > 0 else 1
+            bank = torch.zeros(views * len(idx), len(MODALITIES), geom.vae_image_tokens, geom.latent_dim)
             device = next(self._vae.parameters()).device
             for start in range(0, len(where), 64):
                 chunk = where[start:start + 64]
                 pixels = torch.from_numpy(np.stack([ds.arrays(idx[k])["images"][slot] for k, slot in chunk]))
-                with torch.no_grad():
-                    lat = latent_tokens(self._vae, pixels.to(device), self.ctx.recipe.model).cpu()
-                for (k, slot), tokens in zip(chunk, lat):
-                    bank[k, slot] = tokens
+                for view in range(views):
+                    with torch.no_grad():
+                        lat = latent_tokens(self._vae, (pixels.flip(-1) if view else pixels).to(device),
+                                            self.ctx.recipe.model).cpu()
+                    for (k, slot), tokens in zip(chunk, lat):
+                        bank[view * len(idx) + k, slot] = tokens
             self._draft_bank = (idx, mods, bank)
         return self._draft_bank
 
     def draw_draft_pairs(self, rng: np.random.Generator) -> DraftPairs:
         """``data.draft_pairs`` ground-truth pairs (:func:`dataflow.draft_pair`) of random train
-        slices with at least two modalities, from :meth:`draft_bank`, for the draft network's loss."""
+        slices with at least two modalities, from :meth:`draft_bank`, for the draft network's loss; each
+        pair mirrored left-right with ``data.draft_flip_prob`` (drawn after its pair, only when > 0)."""
         cfg = self.ctx.recipe.data
         idx, mods, bank = self.draft_bank()
         rows = np.empty(cfg.draft_pairs, dtype=np.int64)
@@ -361,7 +367,7 @@ class ModelStage(StageTask):
         for j in range(cfg.draft_pairs):
             k = int(rng.integers(len(idx)))
             inputs, out = draft_pair(mods[k], rng, cfg)
-            rows[j] = k
+            rows[j] = k + (len(idx) if cfg.draft_flip_prob > 0 and rng.random() < cfg.draft_flip_prob else 0)
             present[j, [MODALITIES.index(m) for m in inputs]] = True
             target_slot[j] = MODALITIES.index(out)
         tokens = bank[torch.from_numpy(rows)]  # [B, S, T, D]

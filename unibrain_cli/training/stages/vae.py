@@ -5,7 +5,8 @@ Data: random slices of the train split, one random present modality each (restri
 replicates the modality into three channels.
 
 Loss (per image, then averaged over the batch):
-``|x - x_hat|_1 / (C H W) + kl_weight * KL(q(z|x) || N(0, I)) / (C H W)`` with the KL summed over
+``|x - x_hat|_1 / (C H W) + kl_weight * KL(q(z|x) || N(0, I)) / (C H W)`` (``recon_loss = "mse"``:
+the squared error, what PSNR scores, instead of the L1 norm) with the KL summed over
 latent elements — LDM's "sum reconstruction + kl_weight * sum KL" divided by the pixel count, so
 ``kl_weight = 1e-6`` means what it means in LDM/FLUX. The latent is sampled from the posterior
 with noise drawn in ``next_batch``.
@@ -223,7 +224,8 @@ class VAEStage(StageTask):
         # no loss_counts: per-micro-batch means (images of equal size; norm is always None)
         x = batch["x"]
         x_hat, mean, logvar = model(x, batch["eps"])
-        loss, recon, kl = vae_loss(x, x_hat, mean, logvar, self.ctx.stage.kl_weight)
+        loss, recon, kl = vae_loss(x, x_hat, mean, logvar, self.ctx.stage.kl_weight,
+                                     self.ctx.stage.recon_loss)
         return StepOutput(loss, {"recon": float(recon.detach()), "kl": float(kl.detach())}, int(x.shape[0]))
 
     def _eval_images(self) -> tuple[np.ndarray, np.ndarray]:
