@@ -332,9 +332,7 @@ def build_plan(record: Mapping[str, Any], rng: np.random.Generator, cfg: DataCon
     thinking = bool(rng.random() < (cfg.generation_thinking_prob if task == "generation" else cfg.thinking_prob))
 
     n = len(present)
-    order = [present[i] for i in rng.permutation(n)]
-    if cfg.canonical_order_prob > 0 and rng.random() < cfg.canonical_order_prob:
-        order = list(present)
+    order = _modality_order(present, rng, cfg)
     if task == "generation":
         n_in = int(rng.integers(1, n))  # 1..n-1
         n_tgt = int(rng.integers(1, n - n_in + 1))  # 1..n-n_in
@@ -400,11 +398,19 @@ def draft_pair(present: Sequence[str], rng: np.random.Generator, cfg: DataConfig
     n = len(present)
     if n < 2:
         raise ValueError(f"a draft pair needs at least 2 modalities, got {list(present)}")
-    order = [present[i] for i in rng.permutation(n)]
-    if cfg.canonical_order_prob > 0 and rng.random() < cfg.canonical_order_prob:
-        order = list(present)
+    order = _modality_order(present, rng, cfg)
     n_in = int(rng.integers(1, n))
     return tuple(order[:n_in]), order[n_in]
+
+
+def _modality_order(present: Sequence[str], rng: np.random.Generator, cfg: DataConfig) -> list[str]:
+    """A generation plan's modality order: a random permutation of ``present``, replaced by the
+    canonical order (``present`` as listed) with ``cfg.canonical_order_prob`` (one more draw only
+    when that probability is > 0)."""
+    order = [present[i] for i in rng.permutation(len(present))]
+    if cfg.canonical_order_prob > 0 and rng.random() < cfg.canonical_order_prob:
+        order = list(present)
+    return order
 
 
 def understanding_plan(record: Mapping[str, Any], rng: np.random.Generator, cfg: DataConfig) -> SamplePlan:
