@@ -17,6 +17,7 @@ CFG = ModelConfig()
 ON = replace(CFG, aligned_context="on")
 GAIN = replace(ON, aligned_gain=10.0)  # the path's output ten times the projection's
 DRAFT = replace(ON, aligned_draft=8)  # plus a draft network of width 8
+RESID = replace(DRAFT, draft_residual=True)  # the flow runs to the residual from the draft
 D = 16  # latent_patch_size**2 * vae.z_channels of the default config
 GRID = (3, 2)
 T1, T2, FLAIR = (MODALITIES.index(m) for m in ("t1", "t2", "flair"))
@@ -76,7 +77,7 @@ def test_stack_holds_exactly_the_earlier_images_of_the_same_sample():
     assert not a_other.any() and not b_other.any()  # own slot, later images, other sample: empty
 
 
-@pytest.mark.parametrize("cfg", [ON, GAIN, DRAFT], ids=["gain1", "gain10", "draft"])
+@pytest.mark.parametrize("cfg", [ON, GAIN, DRAFT, RESID], ids=["gain1", "gain10", "draft", "residual"])
 def test_an_earlier_context_image_changes_the_target_through_the_aligned_path(cfg):
     on = _model(cfg)
     changed = {**LATS, "a_t1": LATS["a_t1"] + 1.0}
@@ -90,7 +91,7 @@ def test_an_earlier_context_image_changes_the_target_through_the_aligned_path(cf
     assert not torch.allclose(delta_on, delta_off, atol=1e-6)
 
 
-@pytest.mark.parametrize("cfg", [ON, GAIN, DRAFT], ids=["gain1", "gain10", "draft"])
+@pytest.mark.parametrize("cfg", [ON, GAIN, DRAFT, RESID], ids=["gain1", "gain10", "draft", "residual"])
 def test_own_ground_truth_later_images_and_other_samples_never_reach_the_target(cfg):
     m = _model(cfg)
     base = _velocity(m, LATS)
@@ -124,7 +125,7 @@ def test_off_is_bit_identical_and_on_starts_as_off():
     assert torch.equal(_velocity(off, LATS), _velocity(on, LATS))
 
 
-@pytest.mark.parametrize("cfg", [ON, GAIN, DRAFT], ids=["gain1", "gain10", "draft"])
+@pytest.mark.parametrize("cfg", [ON, GAIN, DRAFT, RESID], ids=["gain1", "gain10", "draft", "residual"])
 def test_cached_query_sees_the_cached_images_and_equals_the_packed_forward(cfg):
     m = _model(cfg)
     full = m.builder(image_markers=(1, 2))
@@ -305,3 +306,67 @@ def test_the_optimizer_trains_the_draft_at_its_own_learning_rate():
     assert all(v == pytest.approx(1e-3) for i, v in lrs.items() if i not in draft)
     plain = build_optimizer(_model(ON), StageConfig(lr=1e-3), (0.9, 0.95))
     assert len(plain.param_groups) == 2  # models without a draft keep the two usual groups
+
+
+def test_a_residual_flow_is_the_plain_flow_shifted_by_the_draft():
+    """v_res(x_t) = v(x_t - (1 - t) d) - d with the same weights, d the target's detached draft:
+    the network runs the straight path from noise to x0 - d, the caller still sees x-space."""
+    resid = _model(RESID)
+    plain = _model(DRAFT)
+    plain.load_state_dict(resid.state_dict())
+    pack = _pack(resid, LATS)
+    _, d = resid.aligned_context.with_draft(pack)
+    assert d is not None and d.shape == (12, D) and not d.requires_grad
+    t = torch.tensor([0.5] * 6 + [0.3] * 6)[:, None]
+    shifted = {**LATS, "a_noise": LATS["a_noise"] - (1 - t[:6]) * d[:6], "b_noise": LATS["b_noise"] - (1 - t[6:]) * d[6:]}
+    torch.testing.assert_close(_velocity(resid, LATS), _velocity(plain, shifted) - d)
+    # all VAE rows asked: the clean rows' outputs are untouched, the noisy ones shifted alike
+    v_all = resid(pack, logits_at="none", velocity_at="vae").velocity
+    p_all = plain(_pack(plain, shifted), logits_at="none", velocity_at="vae").velocity
+    noisy = pack.noisy_vae_rows
+    clean = torch.ones(len(v_all), dtype=torch.bool)
+    clean[noisy] = False
+    torch.testing.assert_close(v_all[noisy], p_all[noisy] - d)
+    torch.testing.assert_close(v_all[clean], p_all[clean])
+
+
+def test_an_untrained_residual_head_estimates_the_draft_itself():
+    """A zero velocity head (llm2vae at init) under a residual flow gives v = -d for every target:
+    the Euler sampler then moves each step by +dt * d, so a whole path from t = 1 to 0 adds the draft
+    to the noise it started from."""
+    torch.manual_seed(0)
+    m = _model(RESID)
+    with torch.no_grad():
+        m.llm2vae.weight.zero_()
+        m.llm2vae.bias.zero_()
+    _, d = m.aligned_context.with_draft(_pack(m, LATS))
+    torch.testing.assert_close(_velocity(m, LATS), -d)
+
+
+def test_a_batched_residual_query_equals_the_packed_forward():
+    from unibrain_cli.model.batch_cache import BatchKVCache
+
+    m = _model(RESID)
+    full = m.builder(image_markers=(1, 2))
+    full.add_vae_image(GRID, latents=LATS["a_t1"], modality=T1)
+    full.add_text([5, 6, 7])
+    full.add_vae_image(GRID, noisy=True, timestep=0.5, latents=LATS["a_noise"], modality=T2)
+    v_full = m(full.build(), logits_at="none", velocity_at="noisy").velocity
+    batch = BatchKVCache(m.num_layers, 2)
+    for r in range(2):
+        ctx = m.builder(image_markers=(1, 2))
+        ctx.add_vae_image(GRID, latents=LATS["a_t1"] if r else LATS["b_flair"], modality=T1 if r else FLAIR)
+        ctx.add_text([5, 6, 7])
+        m.forward_batch(ctx.build(), batch, [r], update=True, logits_at="none")
+    q = m.builder(image_markers=(1, 2))
+    q.add_vae_image(GRID, noisy=True, timestep=0.5, latents=LATS["a_noise"], modality=T2)
+    v = m.forward_batch(q.build(), batch, [1], update=False, logits_at="none", velocity_at="noisy").velocity
+    torch.testing.assert_close(v, v_full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_residual_flow_needs_a_draft():
+    from unibrain_cli.config.validate import validate_model_config
+
+    with pytest.raises(ValueError, match="draft_residual"):
+        validate_model_config(replace(ON, draft_residual=True))
+    validate_model_config(RESID)

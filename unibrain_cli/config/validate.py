@@ -67,6 +67,8 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "") -> None:
     if cfg.aligned_draft and (cfg.aligned_context != "on" or cfg.aligned_window != 1):
         raise ValueError(f"{p}aligned_draft={cfg.aligned_draft} needs {p}aligned_context='on' and "
                          f"{p}aligned_window=1")
+    if cfg.draft_residual and not cfg.aligned_draft:
+        raise ValueError(f"{p}draft_residual=true needs a draft network: set {p}aligned_draft > 0")
     if cfg.image_rope == "2d" and cfg.llm.head_dim < 16:
         raise ValueError(f"{p}image_rope='2d' needs llm.head_dim >= 16, got {cfg.llm.head_dim}")
     if cfg.attention_backend not in CONFIG_BACKENDS:

@@ -29,7 +29,9 @@ target's own slot to an estimate of the target's clean latent token, regressed o
 the data flow's orders; :mod:`unibrain_cli.training.stages.unified`). Its output enters the
 projection beside the stack, detached, so the flow loss never trains it: the transformer reads a
 local image-to-image estimate the way a pretrained BAGEL reads what it learned to copy, and still
-draws the image. The draft gets its own weights (``aligned_context.draft.*``) and a fixed-seed
+draws the image. With ``model.draft_residual`` the flow itself starts from the draft: the network
+runs the straight path from noise to the residual ``x0 - draft`` (``UniBrainModel.embed_with_draft``),
+so an untrained velocity head already lands on the draft. The draft gets its own weights (``aligned_context.draft.*``) and a fixed-seed
 init that draws nothing from the global RNG.
 
 What a slot holds is whatever the context holds: ground truth in ``unified`` training, the
@@ -265,12 +267,19 @@ class AlignedContext(nn.Module):
                 priors: Sequence[Sequence[SlotImage]] | None = None) -> Tensor:
         """[N_noisy, hidden]: the projection added to the noisy tokens' input embeddings (of the
         stack, then of the detached draft when there is one)."""
+        return self.with_draft(packed, prior, priors)[0]
+
+    def with_draft(self, packed: PackedSequence, prior: Sequence[SlotImage] = (),
+                   priors: Sequence[Sequence[SlotImage]] | None = None) -> tuple[Tensor, Tensor | None]:
+        """:meth:`forward`'s projection and the detached draft [N_noisy, D] it read (None without one)."""
         feats, spans = self.stack_spans(packed, prior, priors)
+        draft = None
         if self.draft is not None:
             with torch.no_grad():
-                feats = torch.cat([feats, self.draft_rows(feats, spans)], dim=1)
+                draft = self.draft_rows(feats, spans)
+            feats = torch.cat([feats, draft], dim=1)
         out = F.linear(feats.to(self.weight.dtype), self.weight, self.bias)
-        return out if self.gain == 1.0 else out * self.gain
+        return (out if self.gain == 1.0 else out * self.gain), draft
 
 
 def clean_slot_images(packed: PackedSequence, sample: int | None = None) -> list[SlotImage]:

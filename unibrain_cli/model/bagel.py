@@ -210,15 +210,24 @@ class UniBrainModel(nn.Module):
 
     def embed(self, packed: PackedSequence, prior: Sequence[SlotImage] = (),
               priors: Sequence[Sequence[SlotImage]] | None = None) -> Tensor:
-        """Input embeddings of a pack: [N, hidden] in the model dtype.
+        """Input embeddings of a pack: [N, hidden] in the model dtype (see :meth:`embed_with_draft`)."""
+        return self.embed_with_draft(packed, prior, priors)[0]
+
+    def embed_with_draft(self, packed: PackedSequence, prior: Sequence[SlotImage] = (),
+                         priors: Sequence[Sequence[SlotImage]] | None = None) -> tuple[Tensor, Tensor | None]:
+        """Input embeddings of a pack: [N, hidden] in the model dtype, and with
+        ``model.draft_residual`` the draft [N_noisy, D] the flow runs from (else None).
 
         Text rows: ``embed_tokens``; ViT rows: connector(ViT(patches)) + vit_pos_embed; VAE rows:
         vae2llm(latents) + time_embedder(t) + latent_pos_embed; with ``aligned_context`` noisy VAE
         rows also get the aligned projection of the earlier clean images (``prior``: those of a
         cached context, see :mod:`unibrain_cli.model.aligned`; ``priors``: one per sample, for a
-        batched cache).
+        batched cache). With ``model.draft_residual`` a noisy row of time t embeds
+        ``x_t - (1 - t) d`` (d: its detached draft), the point at time t of the straight path from
+        noise to the residual ``x0 - d``; :meth:`_heads` then returns ``v_net - d``.
         """
         dtype = self.dtype
+        draft: Tensor | None = None
         h = torch.zeros(packed.length, self.config.llm.hidden_size, dtype=dtype, device=packed.device)
         if packed.text_indexes.numel():
             emb = self.language_model.model.embed_tokens(packed.text_ids)
@@ -236,16 +245,26 @@ class UniBrainModel(nn.Module):
                 raise ValueError("the pack has VAE tokens but no vae_latents")
             if packed.vae_latents.shape[-1] != self.latent_dim:
                 raise ValueError(f"latent tokens must have {self.latent_dim} features, got {packed.vae_latents.shape[-1]}")
+            latents = packed.vae_latents.to(dtype)
+            projection = None
+            if self.aligned_context is not None and bool(packed.vae_noisy.any()):
+                noisy = packed.noisy_vae_rows
+                projection, draft = self.aligned_context.with_draft(packed, prior, priors)
+                if self.config.draft_residual:
+                    assert draft is not None, "model.draft_residual needs model.aligned_draft > 0"
+                    shift = (1.0 - packed.vae_timesteps[noisy])[:, None] * draft
+                    latents = latents.index_add(0, noisy, -shift.to(dtype))
+                else:
+                    draft = None
             emb = (
-                self.vae2llm(packed.vae_latents.to(dtype))
+                self.vae2llm(latents)
                 + self.time_embedder(packed.vae_timesteps)
                 + self.latent_pos_embed(packed.vae_position_ids)
             )
-            if self.aligned_context is not None and bool(packed.vae_noisy.any()):
-                noisy = packed.noisy_vae_rows
-                emb = emb.index_add(0, noisy, self.aligned_context(packed, prior, priors).to(emb.dtype))
+            if projection is not None:
+                emb = emb.index_add(0, packed.noisy_vae_rows, projection.to(emb.dtype))
             h = h.index_put((packed.vae_indexes,), emb.to(dtype))
-        return h
+        return h, draft
 
     def image_grid(self, packed: PackedSequence) -> Tensor | None:
         """Per-row normalised image coordinates for ``image_rope = "2d"`` (None for BAGEL's "1d").
@@ -269,8 +288,11 @@ class UniBrainModel(nn.Module):
     # -- heads --------------------------------------------------------------------------------
 
     def _heads(
-        self, packed: PackedSequence, hidden: Tensor, logits_at: LogitsAt, velocity_at: VelocityAt
+        self, packed: PackedSequence, hidden: Tensor, logits_at: LogitsAt, velocity_at: VelocityAt,
+        draft: Tensor | None = None,
     ) -> ModelOutput:
+        """Text logits and velocities of the asked rows; ``draft`` [N_noisy, D] (``model.draft_residual``)
+        is subtracted from the noisy rows' velocity (the network predicts the residual flow's)."""
         out = ModelOutput(hidden=hidden)
         if logits_at != "none":
             if logits_at == "loss":
@@ -295,6 +317,13 @@ class UniBrainModel(nn.Module):
                 raise ValueError(f"unknown velocity_at {velocity_at!r}")
             out.velocity_rows = rows
             out.velocity = self.llm2vae(hidden[packed.vae_indexes[rows]])
+            if draft is not None:
+                if velocity_at == "noisy":
+                    out.velocity = out.velocity - draft.to(out.velocity.dtype)
+                else:
+                    full = draft.new_zeros(packed.vae_indexes.numel(), draft.shape[1])
+                    full[packed.noisy_vae_rows] = draft
+                    out.velocity = out.velocity - full[rows].to(out.velocity.dtype)
         return out
 
     # -- forward ------------------------------------------------------------------------------
@@ -315,11 +344,11 @@ class UniBrainModel(nn.Module):
             velocity_at: ``"noisy"`` (flow-loss tokens), ``"vae"`` (all VAE tokens) or ``"none"``.
             backend: attention backend; default ``config.attention_backend``.
         """
-        h = self.embed(packed)
+        h, draft = self.embed_with_draft(packed)
         route = Routing(packed.und_indexes, packed.gen_indexes, packed.length)
         hidden, _ = self.language_model(h, packed.position_ids, route, packed.mask_info(), self._backend(backend),
                                         grid=self.image_grid(packed))
-        return self._heads(packed, hidden, logits_at, velocity_at)
+        return self._heads(packed, hidden, logits_at, velocity_at, draft)
 
     # -- cached (inference) -------------------------------------------------------------------
 
@@ -345,7 +374,7 @@ class UniBrainModel(nn.Module):
         """
         if block.num_samples != 1:
             raise ValueError(f"a cached block must hold exactly one sample, got {block.num_samples}")
-        h = self.embed(block, cache.images)
+        h, draft = self.embed_with_draft(block, cache.images)
         route = Routing(block.und_indexes, block.gen_indexes, block.length)
         mask = block.mask_info(prefix_len=cache.length)
         positions = block.position_ids + cache.next_position
@@ -356,7 +385,7 @@ class UniBrainModel(nn.Module):
             keep = None if not bool(noise_rows.any()) else (~noise_rows).nonzero().flatten()
             images = clean_slot_images(block) if self.aligned_context is not None else ()
             cache.append(present, keep, block.sample_next_positions[0], images)
-        return self._heads(block, hidden, logits_at, velocity_at)
+        return self._heads(block, hidden, logits_at, velocity_at, draft)
 
     def forward_batch(
         self,
@@ -384,7 +413,7 @@ class UniBrainModel(nn.Module):
         """
         cfg = self.config.llm
         rows = [int(r) for r in rows]
-        h = self.embed(block, priors=[cache.images[r] for r in rows])
+        h, draft = self.embed_with_draft(block, priors=[cache.images[r] for r in rows])
         route = Routing(block.und_indexes, block.gen_indexes, block.length)
         step = step if step is not None else BatchStep.plan(cache, rows, block)
         cache.reserve(step.l_max, cfg.num_kv_heads, cfg.head_dim, self.dtype, block.device)
@@ -397,7 +426,7 @@ class UniBrainModel(nn.Module):
             if self.aligned_context is not None:
                 for i, r in enumerate(rows):
                     cache.images[r] = cache.images[r] + tuple(clean_slot_images(block, i))
-        return self._heads(block, hidden, logits_at, velocity_at)
+        return self._heads(block, hidden, logits_at, velocity_at, draft)
 
     def new_batch_cache(self, batch: int) -> BatchKVCache:
         """An empty batched cache of ``batch`` rows."""
