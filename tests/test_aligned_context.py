@@ -18,6 +18,7 @@ ON = replace(CFG, aligned_context="on")
 GAIN = replace(ON, aligned_gain=10.0)  # the path's output ten times the projection's
 DRAFT = replace(ON, aligned_draft=8)  # plus a draft network of width 8
 RESID = replace(DRAFT, draft_residual=True)  # the flow runs to the residual from the draft
+LATENT = replace(RESID, aligned_draft_resolution="latent")  # the draft's last layers on the latent grid
 D = 16  # latent_patch_size**2 * vae.z_channels of the default config
 GRID = (3, 2)
 T1, T2, FLAIR = (MODALITIES.index(m) for m in ("t1", "t2", "flair"))
@@ -77,7 +78,7 @@ def test_stack_holds_exactly_the_earlier_images_of_the_same_sample():
     assert not a_other.any() and not b_other.any()  # own slot, later images, other sample: empty
 
 
-@pytest.mark.parametrize("cfg", [ON, GAIN, DRAFT, RESID], ids=["gain1", "gain10", "draft", "residual"])
+@pytest.mark.parametrize("cfg", [ON, GAIN, DRAFT, RESID, LATENT], ids=["gain1", "gain10", "draft", "residual", "latent"])
 def test_an_earlier_context_image_changes_the_target_through_the_aligned_path(cfg):
     on = _model(cfg)
     changed = {**LATS, "a_t1": LATS["a_t1"] + 1.0}
@@ -91,7 +92,7 @@ def test_an_earlier_context_image_changes_the_target_through_the_aligned_path(cf
     assert not torch.allclose(delta_on, delta_off, atol=1e-6)
 
 
-@pytest.mark.parametrize("cfg", [ON, GAIN, DRAFT, RESID], ids=["gain1", "gain10", "draft", "residual"])
+@pytest.mark.parametrize("cfg", [ON, GAIN, DRAFT, RESID, LATENT], ids=["gain1", "gain10", "draft", "residual", "latent"])
 def test_own_ground_truth_later_images_and_other_samples_never_reach_the_target(cfg):
     m = _model(cfg)
     base = _velocity(m, LATS)
@@ -125,7 +126,7 @@ def test_off_is_bit_identical_and_on_starts_as_off():
     assert torch.equal(_velocity(off, LATS), _velocity(on, LATS))
 
 
-@pytest.mark.parametrize("cfg", [ON, GAIN, DRAFT, RESID], ids=["gain1", "gain10", "draft", "residual"])
+@pytest.mark.parametrize("cfg", [ON, GAIN, DRAFT, RESID, LATENT], ids=["gain1", "gain10", "draft", "residual", "latent"])
 def test_cached_query_sees_the_cached_images_and_equals_the_packed_forward(cfg):
     m = _model(cfg)
     full = m.builder(image_markers=(1, 2))
@@ -370,3 +371,53 @@ def test_a_residual_flow_needs_a_draft():
     with pytest.raises(ValueError, match="draft_residual"):
         validate_model_config(replace(ON, draft_residual=True))
     validate_model_config(RESID)
+
+
+def test_a_latent_resolution_draft_is_convolutions_on_the_unpatchified_latents():
+    """The reference written with the package's own (un)patchify: token-grid trunk, pixel shuffle,
+    the slots' unpatchified latents + presence bits + one-hot upsampled, three convolutions, re-patched."""
+    from unibrain_cli.model.aligned import AlignedDraft
+    from unibrain_cli.model.embeddings import patchify_latent, unpatchify_latent
+
+    s, d, p, width, grid = len(MODALITIES), D, 2, 8, (3, 2)
+    net = AlignedDraft(s, d, width, "latent", patch=p)
+    assert len(net.convs) == 5 and net.convs[-1].out_channels == d // (p * p)
+    g = torch.Generator().manual_seed(7)
+    stack = torch.randn(2, 6, s * (d + 1), generator=g)
+    stack.view(2, 6, s, d + 1)[..., d] = (torch.rand(2, 1, s, generator=g) > 0.5).float()
+    slots = torch.tensor([T2, -1])
+    got = net(stack, grid, slots)
+    assert got.shape == (2, 6, d)
+    z = d // (p * p)
+    with torch.no_grad():
+        for i in range(2):
+            onehot = torch.zeros(s)
+            if slots[i] >= 0:
+                onehot[slots[i]] = 1.0
+            x = torch.cat([stack[i], onehot.expand(6, s)], 1).t().reshape(1, -1, *grid)
+            h = F.pixel_shuffle(F.silu(net.convs[1](F.silu(net.convs[0](x)))), p)
+            held = stack[i].view(6, s, d + 1)
+            lat = torch.cat([unpatchify_latent(held[:, k, :d], z, grid[0] * p, grid[1] * p, p) for k in range(s)])
+            bits = torch.cat([held[:, :, d], onehot.expand(6, s)], 1).t().reshape(-1, *grid)
+            bits = F.interpolate(bits[None], scale_factor=p, mode="nearest")
+            y = torch.cat([h, lat[None], bits], 1)
+            y = net.convs[4](F.silu(net.convs[3](F.silu(net.convs[2](y)))))
+            want, _ = patchify_latent(y[0], p, max_per_side=grid[0])
+            torch.testing.assert_close(got[i], want)
+
+
+def test_the_draft_resolution_is_part_of_the_layout_and_validated():
+    from unibrain_cli.config.validate import validate_model_config
+
+    m = _model(LATENT)
+    assert m.aligned_context.layout == (1, 1.0, 8, "latent")
+    with pytest.raises(ValueError, match="tokens resolution"):
+        m.set_aligned_context("on", draft=8, draft_resolution="tokens")  # trained: refused
+    untrained = UniBrainModel(ON).eval()
+    untrained.set_aligned_context("on", draft=8, draft_resolution="latent")
+    assert untrained.aligned_context.draft_resolution == "latent"
+    with pytest.raises(ValueError, match="aligned_draft_resolution"):
+        validate_model_config(replace(LATENT, aligned_draft_resolution="pixels"))
+    with pytest.raises(ValueError, match="multiple of"):
+        validate_model_config(replace(LATENT, aligned_draft=6))
+    validate_model_config(LATENT)

@@ -128,6 +128,10 @@ class ModelConfig:
     # stacked context latents that regresses the target's clean latent (trained on its own loss,
     # data.draft_pairs per step); the aligned projection then also reads this draft (model/aligned.py)
     aligned_draft: int = 0
+    # grid of the draft's last layers: "tokens" (four convolutions on the token grid) or "latent"
+    # (two on the token grid, then pixel-shuffled by latent_patch_size to the latent grid, where the
+    # context's unpatchified latents join them, and three more there; model/aligned.py)
+    aligned_draft_resolution: Literal["tokens", "latent"] = "tokens"
     # with a draft: the flow runs from noise to the residual x0 - draft (detached) instead of to x0:
     # noisy tokens embed x_t - (1 - t) draft and the velocity head's output minus the draft is the
     # velocity, so samplers, guidance and dhs see the usual x-space flow (model/bagel.py)

@@ -67,6 +67,11 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "") -> None:
     if cfg.aligned_draft and (cfg.aligned_context != "on" or cfg.aligned_window != 1):
         raise ValueError(f"{p}aligned_draft={cfg.aligned_draft} needs {p}aligned_context='on' and "
                          f"{p}aligned_window=1")
+    if cfg.aligned_draft_resolution not in ("tokens", "latent"):
+        raise ValueError(f"{p}aligned_draft_resolution={cfg.aligned_draft_resolution!r} must be 'tokens' or 'latent'")
+    if cfg.aligned_draft_resolution == "latent" and cfg.aligned_draft % (cfg.latent_patch_size ** 2):
+        raise ValueError(f"{p}aligned_draft={cfg.aligned_draft} must be a multiple of {p}latent_patch_size^2 = "
+                         f"{cfg.latent_patch_size ** 2} with {p}aligned_draft_resolution='latent'")
     if cfg.draft_residual and not cfg.aligned_draft:
         raise ValueError(f"{p}draft_residual=true needs a draft network: set {p}aligned_draft > 0")
     if cfg.image_rope == "2d" and cfg.llm.head_dim < 16:

@@ -43,6 +43,7 @@ recorded in the cache (``KVCache.images``) and passed as ``prior``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -67,24 +68,50 @@ def stack_slots(tokens: Tensor, present: Tensor) -> Tensor:
 DRAFT_INIT_SEED = 20261201
 
 
+#: Grid of the draft's last layers (``ModelConfig.aligned_draft_resolution``).
+DraftResolution = Literal["tokens", "latent"]
+
+
 class AlignedDraft(nn.Module):
-    """Four 3x3 convolutions over the latent grid (SiLU between): ``[B, S*(D+1) + S, H, W]`` (the
-    stack of each token, then the target slot's one-hot) -> ``[B, D, H, W]``, the clean target
-    latent it regresses. Init: PyTorch's default conv init from a generator seeded with
-    :data:`DRAFT_INIT_SEED`, so a model with a draft starts with the same other weights.
-    ``lr_scale``: the trainer's optimizer trains these weights at 3x the stage's learning rate
-    (the draft alone on the demo's pairs, 400 steps of 64 at width 128: T1 -> T2 decoded 22.5 dB
-    at 3e-3 against 21.0 at 1e-3; README)."""
+    """A convolutional net over the latent grid: ``[B, S*(D+1) + S, H, W]`` (the stack of each
+    token, then the target slot's one-hot) -> ``[B, D, H, W]``, the clean target latent it regresses.
+
+    ``resolution = "tokens"``: four 3x3 convolutions on the token grid (SiLU between).
+    ``resolution = "latent"``: two 3x3 convolutions on the token grid (width c), a pixel shuffle
+    by the latent patch p to the latent grid (p x p finer: c / p^2 channels), where the context's
+    latents (unpatchified, ``D / p^2`` channels per slot), the presence bits and the one-hot join
+    them, then three 3x3 convolutions there (widths c / 2, c / 2, ``D / p^2``), re-patched to
+    tokens: the last layers see each latent pixel instead of a token's 2 x 2 block (the draft alone
+    on the demo's pairs: T1 -> T2 / FLAIR / T1ce +0.7 / +0.9 / +1.0 dB at width 192; README).
+
+    Init: PyTorch's default conv init from a generator seeded with :data:`DRAFT_INIT_SEED`, so a
+    model with a draft starts with the same other weights. ``lr_scale``: the trainer's optimizer
+    trains these weights at 3x the stage's learning rate (the draft alone on the demo's pairs,
+    400 steps of 64 at width 128: T1 -> T2 decoded 22.5 dB at 3e-3 against 21.0 at 1e-3; README)."""
 
     lr_scale = 3.0
 
-    def __init__(self, num_slots: int, latent_dim: int, width: int) -> None:
+    def __init__(self, num_slots: int, latent_dim: int, width: int, resolution: DraftResolution = "tokens",
+                 patch: int = 1) -> None:
         super().__init__()
         self.num_slots = num_slots
         self.latent_dim = latent_dim
-        chans = [num_slots * (latent_dim + 1) + num_slots, width, width, width, latent_dim]
+        self.resolution = resolution
+        self.patch = patch
+        c_in = num_slots * (latent_dim + 1) + num_slots
+        if resolution == "tokens":
+            chans = [(c_in, width), (width, width), (width, width), (width, latent_dim)]
+        elif resolution == "latent":
+            if patch < 1 or latent_dim % (patch * patch) or width % (patch * patch) or width < 2:
+                raise ValueError(f"a latent-resolution draft needs the latent width {latent_dim} and the draft width "
+                                 f"{width} to be multiples of patch^2 = {patch * patch}")
+            z = latent_dim // (patch * patch)
+            fine_in = width // (patch * patch) + num_slots * z + 2 * num_slots
+            chans = [(c_in, width), (width, width), (fine_in, width // 2), (width // 2, width // 2), (width // 2, z)]
+        else:
+            raise ValueError(f"the draft resolution must be 'tokens' or 'latent', got {resolution!r}")
         with torch.random.fork_rng(devices=[]):  # nn.Conv2d's own init draws from the global RNG
-            self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:]))
+            self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in chans)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -100,16 +127,32 @@ class AlignedDraft(nn.Module):
         draft tokens [B, H*W, D]."""
         b, n, _ = stack.shape
         rows, cols = grid
-        onehot = torch.zeros(b, self.num_slots, device=stack.device, dtype=stack.dtype)
+        s, d = self.num_slots, self.latent_dim
+        onehot = torch.zeros(b, s, device=stack.device, dtype=stack.dtype)
         known = target_slot >= 0
         onehot[known, target_slot[known]] = 1.0
-        x = torch.cat([stack, onehot[:, None, :].expand(b, n, self.num_slots)], dim=2)
+        x = torch.cat([stack, onehot[:, None, :].expand(b, n, s)], dim=2)
         x = x.reshape(b, rows, cols, -1).permute(0, 3, 1, 2)
-        for i, conv in enumerate(self.convs):
-            x = conv(x)
-            if i < len(self.convs) - 1:
-                x = F.silu(x)
-        return x.permute(0, 2, 3, 1).reshape(b, n, self.latent_dim)
+        if self.resolution == "tokens":
+            for i, conv in enumerate(self.convs):
+                x = conv(x)
+                if i < len(self.convs) - 1:
+                    x = F.silu(x)
+            return x.permute(0, 2, 3, 1).reshape(b, n, d)
+        p, z = self.patch, d // (self.patch * self.patch)
+        h = F.pixel_shuffle(F.silu(self.convs[1](F.silu(self.convs[0](x)))), p)  # [B, c / p^2, p*rows, p*cols]
+        held = stack.reshape(b, rows, cols, s, d + 1)
+        # tokens are ordered (kh, kw, channel) (embeddings.patchify_latent): unpatchify every slot
+        lat = held[..., :d].reshape(b, rows, cols, s, p, p, z).permute(0, 3, 6, 1, 4, 2, 5)
+        lat = lat.reshape(b, s * z, p * rows, p * cols)
+        bits = torch.cat([held[..., d], onehot[:, None, None, :].expand(b, rows, cols, s)], dim=3)
+        bits = bits.permute(0, 3, 1, 2).repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
+        y = torch.cat([h, lat, bits], dim=1)
+        for i, conv in enumerate(self.convs[2:]):
+            y = conv(y)
+            if i < 2:
+                y = F.silu(y)
+        return y.reshape(b, z, rows, p, cols, p).permute(0, 2, 4, 3, 5, 1).reshape(b, n, d)
 
 
 class AlignedContext(nn.Module):
@@ -130,10 +173,12 @@ class AlignedContext(nn.Module):
             the path's output move k times faster than the plain projection's (like a k-fold
             learning rate for these tensors alone).
         draft: width of the :class:`AlignedDraft` (``model.aligned_draft``; 0 = none, needs window 1).
+        draft_resolution, patch: the draft's grid (``model.aligned_draft_resolution``) and the
+            latent patch size p it unpatchifies by (``"latent"``).
     """
 
     def __init__(self, num_slots: int, latent_dim: int, hidden: int, window: int = 1, gain: float = 1.0,
-                 draft: int = 0) -> None:
+                 draft: int = 0, draft_resolution: DraftResolution = "tokens", patch: int = 1) -> None:
         super().__init__()
         if not gain > 0:
             raise ValueError(f"the aligned gain must be > 0, got {gain}")
@@ -145,7 +190,8 @@ class AlignedContext(nn.Module):
         self.latent_dim = latent_dim
         self.window = window
         self.gain = float(gain)
-        self.draft: AlignedDraft | None = AlignedDraft(num_slots, latent_dim, draft) if draft else None
+        self.draft: AlignedDraft | None = (AlignedDraft(num_slots, latent_dim, draft, draft_resolution, patch)
+                                           if draft else None)
         extra = latent_dim if draft else 0
         self.weight = nn.Parameter(torch.zeros(hidden, num_slots * self.slot_width + extra))
         self.bias = nn.Parameter(torch.zeros(hidden))
@@ -156,9 +202,14 @@ class AlignedContext(nn.Module):
         return self.draft.convs[0].out_channels if self.draft is not None else 0
 
     @property
-    def layout(self) -> tuple[int, float, int]:
-        """(window, gain, draft width): what a checkpoint's path must match to be reused."""
-        return (self.window, self.gain, self.draft_width)
+    def draft_resolution(self) -> DraftResolution:
+        """Grid of the draft network's last layers (``"tokens"`` without a draft)."""
+        return self.draft.resolution if self.draft is not None else "tokens"
+
+    @property
+    def layout(self) -> tuple[int, float, int, DraftResolution]:
+        """(window, gain, draft width, draft resolution): what a checkpoint's path must match to be reused."""
+        return (self.window, self.gain, self.draft_width, self.draft_resolution)
 
     @property
     def slot_width(self) -> int:

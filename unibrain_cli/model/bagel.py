@@ -103,7 +103,8 @@ class UniBrainModel(nn.Module):
         self.aligned_context: AlignedContext | None = None
         if cfg.aligned_context == "on":
             self.aligned_context = AlignedContext(len(MODALITIES), latent_dim(cfg), hidden, cfg.aligned_window,
-                                                  cfg.aligned_gain, cfg.aligned_draft)
+                                                  cfg.aligned_gain, cfg.aligned_draft,
+                                                  cfg.aligned_draft_resolution, cfg.latent_patch_size)
         self.language_model.model.activation_checkpointing = cfg.activation_checkpointing
         self.reset_parameters()
 
@@ -138,7 +139,7 @@ class UniBrainModel(nn.Module):
         self.language_model.init_generation_expert()
 
     def set_aligned_context(self, mode: str, window: int | None = None, gain: float | None = None,
-                            draft: int | None = None) -> None:
+                            draft: int | None = None, draft_resolution: str | None = None) -> None:
         """Switch ``model.aligned_context`` on a built model: ``"on"`` adds a zero-initialised
         :class:`AlignedContext` of the given layout (``window`` / ``gain`` / ``draft`` width,
         default: this model's config) when there is none (e.g. after loading a BAGEL folder: outputs
@@ -149,16 +150,19 @@ class UniBrainModel(nn.Module):
         window = self.config.aligned_window if window is None else window
         gain = self.config.aligned_gain if gain is None else gain
         draft = self.config.aligned_draft if draft is None else draft
+        res = self.config.aligned_draft_resolution if draft_resolution is None else draft_resolution
+        res = res if draft else "tokens"
         current = self.aligned_context
         if mode == "on":
-            if current is not None and current.layout == (window, float(gain), draft):
+            if current is not None and current.layout == (window, float(gain), draft, res):
                 return
             if current is not None and current.trained:
                 raise ValueError(f"the loaded aligned path (window {current.window}, gain {current.gain:g}, draft "
-                                 f"{current.draft_width}) is trained; it cannot become window {window}, gain {gain:g}, "
-                                 f"draft {draft}")
+                                 f"{current.draft_width} at {current.draft_resolution} resolution) is trained; it cannot "
+                                 f"become window {window}, gain {gain:g}, draft {draft} at {res} resolution")
             p = self.vae2llm.weight
-            module = AlignedContext(len(MODALITIES), self.latent_dim, self.config.llm.hidden_size, window, gain, draft)
+            module = AlignedContext(len(MODALITIES), self.latent_dim, self.config.llm.hidden_size, window, gain, draft,
+                                    res, self.config.latent_patch_size)
             self.aligned_context = module.to(device=p.device, dtype=p.dtype)
         elif mode == "off":
             self.aligned_context = None

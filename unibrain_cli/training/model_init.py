@@ -139,9 +139,11 @@ def adopt_config(model: UniBrainModel, cfg: ModelConfig) -> UniBrainModel:
     ``aligned_context = "on"`` adds the zero-initialised aligned path to a model without it, e.g. a
     BAGEL-7B-MoT folder)."""
     try:
-        model.set_aligned_context(cfg.aligned_context, cfg.aligned_window, cfg.aligned_gain, cfg.aligned_draft)
+        model.set_aligned_context(cfg.aligned_context, cfg.aligned_window, cfg.aligned_gain, cfg.aligned_draft,
+                                  cfg.aligned_draft_resolution)
     except ValueError as exc:
-        raise UserError(f"{exc}: use the checkpoint's model.aligned_window / aligned_gain / aligned_draft, "
+        raise UserError(f"{exc}: use the checkpoint's model.aligned_window / aligned_gain / aligned_draft / "
+                        "aligned_draft_resolution, "
                         "or start from an earlier stage") from exc
     model.config = cfg
     model.language_model.model.activation_checkpointing = cfg.activation_checkpointing
