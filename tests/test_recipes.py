@@ -142,3 +142,4 @@ def test_the_benchmarks_previous_small_is_a_valid_recipe():
     r = load_recipe("small", SMALL_BEFORE)
     assert r.model.aligned_context == "off" and r.model.aligned_draft == 0 and r.data.pack_tokens == 1280
     assert r.data.draft_flip_prob == 0.0 and r.train.stages[0].name == "vae" and r.train.stages[0].recon_loss == "l1"
+    assert not r.model.draft_residual
