@@ -65,6 +65,15 @@ def _velocity(m: UniBrainModel, lat: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.velocity  # [12, D]: sample 0's target rows, then sample 1's
 
 
+def _packed_t1_then_t2_velocity(m: UniBrainModel) -> torch.Tensor:
+    """Velocity of a noisy T2 after a clean T1 and text, all in one pack (the uncached reference)."""
+    full = m.builder(image_markers=(1, 2))
+    full.add_vae_image(GRID, latents=LATS["a_t1"], modality=T1)
+    full.add_text([5, 6, 7])
+    full.add_vae_image(GRID, noisy=True, timestep=0.5, latents=LATS["a_noise"], modality=T2)
+    return m(full.build(), logits_at="none", velocity_at="noisy").velocity
+
+
 def test_stack_holds_exactly_the_earlier_images_of_the_same_sample():
     m = _model(ON)
     assert m.aligned_context is not None
@@ -129,11 +138,7 @@ def test_off_is_bit_identical_and_on_starts_as_off():
 @pytest.mark.parametrize("cfg", [ON, GAIN, DRAFT, RESID, LATENT], ids=["gain1", "gain10", "draft", "residual", "latent"])
 def test_cached_query_sees_the_cached_images_and_equals_the_packed_forward(cfg):
     m = _model(cfg)
-    full = m.builder(image_markers=(1, 2))
-    full.add_vae_image(GRID, latents=LATS["a_t1"], modality=T1)
-    full.add_text([5, 6, 7])
-    full.add_vae_image(GRID, noisy=True, timestep=0.5, latents=LATS["a_noise"], modality=T2)
-    v_full = m(full.build(), logits_at="none", velocity_at="noisy").velocity
+    v_full = _packed_t1_then_t2_velocity(m)
 
     cache = m.new_cache()
     ctx = m.builder(image_markers=(1, 2))
@@ -348,11 +353,7 @@ def test_a_batched_residual_query_equals_the_packed_forward():
     from unibrain_cli.model.batch_cache import BatchKVCache
 
     m = _model(RESID)
-    full = m.builder(image_markers=(1, 2))
-    full.add_vae_image(GRID, latents=LATS["a_t1"], modality=T1)
-    full.add_text([5, 6, 7])
-    full.add_vae_image(GRID, noisy=True, timestep=0.5, latents=LATS["a_noise"], modality=T2)
-    v_full = m(full.build(), logits_at="none", velocity_at="noisy").velocity
+    v_full = _packed_t1_then_t2_velocity(m)
     batch = BatchKVCache(m.num_layers, 2)
     for r in range(2):
         ctx = m.builder(image_markers=(1, 2))
