@@ -338,6 +338,49 @@ def test_unified_resume_two_plus_two_equals_four(extra, pipeline: Path, slices: 
         assert all(not torch.equal(a[f"aligned_context.draft.{k}"], v) for k, v in init.items())
 
 
+def test_draft_stage_trains_only_the_draft_and_unified_starts_from_it(pipeline: Path, slices: Path,
+                                                                     tmp_path: Path) -> None:
+    """The ``draft`` stage changes the draft network's weights and nothing else (the transformer is exported as
+    initialised), lowers the draft's loss on fixed pairs, draws its pairs deterministically, and ``unified``
+    starts from its export."""
+    from unibrain_cli.training.model_init import load_bundle
+    from unibrain_cli.training.stages.draft import DraftStage
+
+    draft = {"name": "draft", "steps": 3, "lr": 1e-2, "batch_size": 6, "ema_decay": 0.0}
+    recipe = recipe_with(VAE, draft, {"name": "unified", "steps": 1}, extra=DRAFT_SETS)
+    run = copy_vae_run(pipeline, tmp_path / "RUN", recipe)
+    stage = DraftStage(ctx_for(recipe, 1, slices, run))
+    module = stage.build_model()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    batch = stage.next_batch(0, stage_generator(0, 1, 0))
+    again = stage.next_batch(0, stage_generator(0, 1, 0))["draft"]
+    assert batch["draft"].target.shape[0] == 6 and torch.equal(batch["draft"].stack, again.stack)
+    assert stage.loss_counts(batch) == {"draft": 6 * stage.geometry().vae_image_tokens}
+    with torch.no_grad():
+        loss_before = float(module(None, draft=batch["draft"])["loss"])
+    summary = train(recipe, slices, run, stage="draft")
+    assert summary.stages["draft"]["status"] == "trained"
+    after = load_file(str(run / "draft" / "final" / "model.safetensors"))
+    changed = {k for k in after if not torch.equal(before["model." + k], after[k])}
+    assert changed == {k for k in after if k.startswith("aligned_context.draft.")} and changed
+    module.model.load_state_dict(after)
+    with torch.no_grad():
+        assert float(module(None, draft=batch["draft"])["loss"]) < loss_before
+    terms = [json.loads(x)["terms"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "train" and json.loads(x)["stage"] == "draft"]
+    assert len(terms) == 3 and all(t["draft"] > 0 for t in terms)
+    start = load_bundle(recipe, {"vae": run / "vae" / "final", "draft": run / "draft" / "final"}, slices).model
+    assert all(torch.equal(v, after[k]) for k, v in start.state_dict().items())
+
+
+def test_draft_stage_errors(pipeline: Path, slices: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="model.aligned_draft"):
+        train(recipe_with(VAE, {"name": "draft", "steps": 1}), slices, tmp_path / "R1")
+    assert not (tmp_path / "R1").exists()
+    with pytest.raises(UserError, match="order vae -> sa -> draft -> unified -> dhs"):
+        recipe_with(VAE, {"name": "unified", "steps": 1}, {"name": "draft", "steps": 1}, extra=DRAFT_SETS)
+
+
 def test_draft_pairs_are_stacked_as_the_aligned_path_stacks_a_target(pipeline: Path, slices: Path) -> None:
     """The draft's training input for a pair equals what the aligned path stacks for a noisy target with the
     same earlier images (so the draft is trained on what it sees at inference); the bank holds each slice's

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 AttentionBackend = Literal["auto", "sdpa", "flex", "flash"]
-StageName = Literal["vae", "sa", "unified", "dhs"]
+StageName = Literal["vae", "sa", "draft", "unified", "dhs"]
 ThinkingPlan = Literal["generated", "forced"]  # flow.thinking_plan
-STAGE_ORDER: tuple[str, ...] = ("vae", "sa", "unified", "dhs")
+STAGE_ORDER: tuple[str, ...] = ("vae", "sa", "draft", "unified", "dhs")
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ class StageConfig:
     dhs_rollout_steps: int = 10  # dhs: few-step diffusion length per generation slot
     kl_weight: float = 1e-6  # vae: KL term weight
     recon_loss: Literal["l1", "mse"] = "l1"  # vae: reconstruction term (l1: LDM/FLUX; mse: what PSNR scores)
-    batch_size: int = 8  # vae: images per step
+    batch_size: int = 8  # vae: images per step; draft: (context -> target) pairs per step
 
 
 @dataclass(frozen=True)

@@ -148,8 +148,15 @@ class UnifiedTrainModule(nn.Module):
         denom = float((norm or {}).get("draft", per_token.numel()))
         return per_token.sum() / max(denom, 1e-12)
 
-    def forward(self, batch: TrainBatch, norm: Mapping[str, float] | None = None,
+    def forward(self, batch: TrainBatch | None, norm: Mapping[str, float] | None = None,
                 draft: DraftPairs | None = None) -> dict[str, Tensor]:
+        """Loss terms of a packed micro-batch plus the draft pairs' term; ``batch`` None: the
+        draft term alone (the ``draft`` stage)."""
+        if batch is None:
+            if draft is None:
+                raise ValueError("nothing to train: no packed batch and no draft pairs")
+            d = self.draft_loss(draft, norm)
+            return {"loss": d, "draft": d.detach()}
         lat, vit = self.encode_images(batch.pixels)
         out = self.combine(self.terms(batch, lat, vit, norm=norm))
         if draft is not None:
@@ -355,16 +362,18 @@ class ModelStage(StageTask):
             self._draft_bank = (idx, mods, bank)
         return self._draft_bank
 
-    def draw_draft_pairs(self, rng: np.random.Generator) -> DraftPairs:
-        """``data.draft_pairs`` ground-truth pairs (:func:`dataflow.draft_pair`) of random train
-        slices with at least two modalities, from :meth:`draft_bank`, for the draft network's loss; each
-        pair mirrored left-right with ``data.draft_flip_prob`` (drawn after its pair, only when > 0)."""
+    def draw_draft_pairs(self, rng: np.random.Generator, n: int | None = None) -> DraftPairs:
+        """``n`` (default ``data.draft_pairs``) ground-truth pairs (:func:`dataflow.draft_pair`) of
+        random train slices with at least two modalities, from :meth:`draft_bank`, for the draft
+        network's loss; each pair mirrored left-right with ``data.draft_flip_prob`` (drawn after its
+        pair, only when > 0)."""
         cfg = self.ctx.recipe.data
+        n = cfg.draft_pairs if n is None else n
         idx, mods, bank = self.draft_bank()
-        rows = np.empty(cfg.draft_pairs, dtype=np.int64)
-        present = torch.zeros(cfg.draft_pairs, len(MODALITIES), dtype=torch.bool)
-        target_slot = torch.zeros(cfg.draft_pairs, dtype=torch.long)
-        for j in range(cfg.draft_pairs):
+        rows = np.empty(n, dtype=np.int64)
+        present = torch.zeros(n, len(MODALITIES), dtype=torch.bool)
+        target_slot = torch.zeros(n, dtype=torch.long)
+        for j in range(n):
             k = int(rng.integers(len(idx)))
             inputs, out = draft_pair(mods[k], rng, cfg)
             rows[j] = k + (len(idx) if cfg.draft_flip_prob > 0 and rng.random() < cfg.draft_flip_prob else 0)
