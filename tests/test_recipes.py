@@ -120,18 +120,21 @@ def test_defaults_are_frozen():
 
 
 def test_ablation_recipes_match_small_except_the_stages():
-    """Table 3 compares variants at the same model, data and model-stage budget as `small`."""
+    """Table 3 compares variants at the same model, data and transformer-stage budget as `small`; the
+    variants that generate also get `small`'s draft stage (the understanding-only A never reads the draft)."""
     small = load_recipe("small")
-    budget = sum(s.steps for s in small.train.stages if s.name != "vae")
-    expected = {"A": ["vae", "unified"], "B": ["vae", "unified"], "C": ["vae", "sa", "unified"]}
+    budget = sum(s.steps for s in small.train.stages if s.name not in ("vae", "draft"))
+    draft = next(s for s in small.train.stages if s.name == "draft")
+    expected = {"A": ["vae", "unified"], "B": ["vae", "draft", "unified"], "C": ["vae", "sa", "draft", "unified"]}
     for variant, names in expected.items():
         r = load_recipe(f"recipes/ablation-{variant}.toml")
         assert [s.name for s in r.train.stages] == names
         assert r.model == small.model and r.flow == small.flow
         assert replace(r.data, understanding_only_prob=small.data.understanding_only_prob) == small.data
         assert r.data.understanding_only_prob == (1.0 if variant == "A" else small.data.understanding_only_prob)
-        assert sum(s.steps for s in r.train.stages if s.name != "vae") == budget
+        assert sum(s.steps for s in r.train.stages if s.name not in ("vae", "draft")) == budget
         assert r.train.stages[0] == small.train.stages[0]
+        assert all(s == draft for s in r.train.stages if s.name == "draft")
 
 
 def test_the_benchmarks_previous_small_is_a_valid_recipe():
