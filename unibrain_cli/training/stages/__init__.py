@@ -75,8 +75,8 @@ from unibrain_cli.errors import UserError
 #: Stage name -> "module:Class" of its StageTask, or None while not available in this version.
 STAGES: dict[str, str | None] = {
     "vae": "unibrain_cli.training.stages.vae:VAEStage",
-    "draft": "unibrain_cli.training.stages.draft:DraftStage",
     "sa": "unibrain_cli.training.stages.sa:SAStage",
+    "draft": "unibrain_cli.training.stages.draft:DraftStage",
     "unified": "unibrain_cli.training.stages.unified:UnifiedStage",
     "dhs": "unibrain_cli.training.stages.dhs:DHSStage",
 }

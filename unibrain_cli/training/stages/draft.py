@@ -26,14 +26,15 @@ from torch import nn
 
 from unibrain_cli.errors import UserError
 from unibrain_cli.training.stages import StepOutput
-from unibrain_cli.training.stages.unified import ModelStage
+from unibrain_cli.training.stages.unified import UnifiedStage
 
 #: The one module the stage trains.
 DRAFT_MODULE = "model.aligned_context.draft"
 
 
-class DraftStage(ModelStage):
-    """See the module docstring."""
+class DraftStage(UnifiedStage):
+    """See the module docstring (``unified``'s model, latent bank and pairs; only the batches and the
+    loss differ)."""
 
     name = "draft"
     unit = "images"
@@ -47,13 +48,6 @@ class DraftStage(ModelStage):
         if self.ctx.stage.batch_size < 1:
             raise UserError("the draft stage needs at least one pair per step", f"train.stages[{self.ctx.index}].batch_size")
         super().check()
-
-    def build_model(self) -> nn.Module:
-        """The stage's module; the latent bank of the draft pairs is encoded here, before the
-        trainer wraps the module (as in ``unified``)."""
-        module = super().build_model()
-        self.draft_bank()
-        return module
 
     def trainable_modules(self, model: nn.Module) -> Sequence[str]:
         return (DRAFT_MODULE,)
