@@ -25,6 +25,7 @@ from unibrain_cli.cli import (
     cmd_train,
 )
 from unibrain_cli.cli.common import STATE, fail
+from unibrain_cli.io.allocator import tune_malloc
 
 
 class OneLineErrors(TyperGroup):
@@ -96,4 +97,5 @@ for module in (cmd_synth, cmd_prepare, cmd_slice, cmd_train, cmd_impute, cmd_dia
 
 def main() -> None:
     """Console-script entry point."""
+    tune_malloc()  # before any array or worker exists: see unibrain_cli/io/allocator.py
     app()
