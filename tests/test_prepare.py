@@ -645,3 +645,18 @@ def test_spacing_option_sets_the_grid_and_a_changed_spacing_redoes_the_case(tmp_
             prepare(rg, tmp_path / "p3", images=[img], spacing=bad)
         assert err.value.where == "--spacing"
     assert not (tmp_path / "p3").exists()
+
+
+@pytest.mark.parametrize("fill", ["sparse", "none_zero", "all_zero", "negative"])
+def test_label_values_equal_numpy_unique(fill):
+    rng = np.random.default_rng(3)
+    labels = np.zeros((12, 10, 8), dtype=np.int16)
+    if fill == "sparse":
+        labels[2:5, 3:6, 1:4] = rng.integers(1, 5, (3, 3, 3))
+    elif fill == "none_zero":
+        labels[:] = rng.integers(1, 4, labels.shape)
+    elif fill == "negative":
+        labels[::3] = rng.integers(-3, 3, labels[::3].shape)
+    got = prep_mod._label_values(labels)
+    assert got == [int(v) for v in np.unique(labels)]
+    assert all(type(v) is int for v in got)
