@@ -41,6 +41,7 @@ def test_large_arrays_leave_the_mmap_path_after_tuning():
 def test_user_malloc_settings_win(monkeypatch):
     monkeypatch.setattr(allocator, "_done", False)
     assert allocator.tune_malloc({"MALLOC_ARENA_MAX": "2"}) is False
+    assert allocator.tune_malloc({"UNIBRAIN_TUNE_MALLOC": "0"}) is False
     assert allocator._done is False
 
 

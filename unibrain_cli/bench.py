@@ -310,6 +310,48 @@ def synth_prepare() -> dict[str, Any]:
             "note": "2 mm phantom volumes resampled to 1 mm by prepare (default) vs kept at 2 mm (--spacing 2)"}
 
 
+@bench("malloc_data_steps")
+def malloc_data_steps() -> dict[str, Any]:
+    """`prepare` (to 1 mm) then `slice` of 12 phantom cases at 2 mm through the CLI (2 workers), with
+    the CLI's malloc settings (``unibrain_cli.io.allocator``) and with glibc's defaults
+    (``UNIBRAIN_TUNE_MALLOC=0``), alternated twice side by side; wall seconds and minor page faults."""
+    import resource
+    import subprocess
+    import sys
+    import tempfile
+
+    from unibrain_cli.data.phantom import synthesize
+
+    def run(args: list[str], env: dict[str, str]) -> tuple[float, int]:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "unibrain_cli", "--quiet", *args], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - before
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        synthesize(root / "ph", cases=12, seed=0, resolution=2)
+        for rep in range(2):
+            for mode, extra in (("tuned", {}), ("glibc_default", {"UNIBRAIN_TUNE_MALLOC": "0"})):
+                env = {**os.environ, **extra}
+                prep, sl = root / f"prep_{mode}_{rep}", root / f"slices_{mode}_{rep}"
+                p_s, p_f = run(["prepare", str(root / "ph" / "radgenome"), "--images", str(root / "ph" / "images"),
+                                "--out", str(prep), "--workers", "2"], env)
+                s_s, s_f = run(["slice", str(prep), "--out", str(sl), "--size", "64", "--per-case", "6",
+                                "--workers", "2"], env)
+                row = out.setdefault(mode, {"prepare_s": [], "slice_s": [], "prepare_minflt": [], "slice_minflt": []})
+                row["prepare_s"].append(round(p_s, 2))
+                row["slice_s"].append(round(s_s, 2))
+                row["prepare_minflt"].append(p_f)
+                row["slice_minflt"].append(s_f)
+    best = {m: min(a + b for a, b in zip(out[m]["prepare_s"], out[m]["slice_s"])) for m in out}
+    out["speedup_best_of_2"] = round(best["glibc_default"] / best["tuned"], 2)
+    out["note"] = "12 cases (1 mm output), process start included; minflt of the whole process tree"
+    return out
+
+
 @bench("nifti_gzip")
 def nifti_gzip() -> dict[str, Any]:
     """Writing and reading one 1-mm skull-stripped float volume as ``.nii.gz`` (what `prepare`

@@ -13,7 +13,8 @@ and its float64 temporaries; glibc before 2.35 accepts at most 32 MiB, then that
 keeps up to 1 GiB of free heap (trim threshold, top pad), the documented ``mallopt`` knobs. It changes where blocks live,
 not what is computed (arrays and tensors are as aligned as before: torch asks for 64-byte
 alignment itself). It runs once, in the CLI process, before any worker is forked (workers inherit
-it); it does nothing off glibc, or when the user set any ``MALLOC_*_`` variable (theirs win).
+it); it does nothing off glibc, when the user set any ``MALLOC_*_`` variable (theirs win), or with
+``UNIBRAIN_TUNE_MALLOC=0`` (glibc's defaults; `make bench`'s ``malloc_data_steps`` compares both).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ TRIM_THRESHOLD = 1 << 30
 TOP_PAD = 64 << 20
 
 _ENV_KNOBS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
+#: set to 0 to keep glibc's defaults
+OPT_OUT = "UNIBRAIN_TUNE_MALLOC"
 _done = False
 
 
@@ -53,12 +56,12 @@ def _libc() -> ctypes.CDLL | None:
 def tune_malloc(environ: dict[str, str] | None = None) -> bool:
     """Apply the settings above to this process; True when glibc accepted them.
 
-    No-op (False) off glibc or when ``environ`` (default ``os.environ``) sets a ``MALLOC_*_``
-    knob. Idempotent.
+    No-op (False) off glibc, when ``environ`` (default ``os.environ``) sets a ``MALLOC_*_``
+    knob, or :data:`OPT_OUT` = 0. Idempotent.
     """
     global _done
     env = os.environ if environ is None else environ
-    if any(k in env for k in _ENV_KNOBS):
+    if any(k in env for k in _ENV_KNOBS) or env.get(OPT_OUT, "1").strip() == "0":
         return False
     if _done:
         return True
