@@ -790,3 +790,39 @@ def test_mirrored_draft_pairs_come_from_the_mirrored_slices(pipeline: Path, slic
 def test_draft_flip_prob_outside_zero_one_is_a_recipe_error() -> None:
     with pytest.raises(UserError, match="draft_flip_prob"):
         recipe_with(VAE, extra=(*DRAFT_SETS, "data.draft_flip_prob=1.5"))
+
+
+def test_four_draft_views_hold_every_mirror_and_draw_only_mirrors_at_prob_one(pipeline: Path, slices: Path) -> None:
+    """``data.draft_views = 4``: the bank holds each slice as is, mirrored left-right, up-down and
+    both, each encoded as such (the first two views equal the two-view bank); with
+    ``draft_flip_prob`` 1 every pair comes from the three mirrored views."""
+    two = recipe_with(VAE, {"name": "unified", "steps": 1}, extra=(*DRAFT_SETS, "data.draft_flip_prob=1.0"))
+    four = recipe_with(VAE, {"name": "unified", "steps": 1},
+                       extra=(*DRAFT_SETS, "data.draft_flip_prob=1.0", "data.draft_views=4"))
+    st2, st4 = (UnifiedStage(ctx_for(r, 1, slices, pipeline)) for r in (two, four))
+    module = st4.build_model()
+    st2.build_model()
+    idx, mods, bank = st4.draft_bank()
+    _, _, bank2 = st2.draft_bank()
+    n = len(idx)
+    assert bank.shape[0] == 4 * n and torch.equal(bank[:2 * n], bank2)
+    ds, _ = st4.dataset()
+    slot = MODALITIES.index(mods[0][0])
+    image = torch.from_numpy(ds.arrays(idx[0])["images"][slot].copy())
+    for view, dims in ((2, (-2,)), (3, (-2, -1))):
+        with torch.no_grad():
+            want = module.encode_images(image.flip(dims)[None])[0][0]
+        torch.testing.assert_close(bank[view * n, slot], want, rtol=1e-5, atol=1e-5)
+    pairs = st4.next_batch(0, stage_generator(0, 1, 0))["draft"]
+    views_used = set()
+    for j in range(pairs.target.shape[0]):
+        t = int(pairs.target_slot[j])
+        rows = [r for r in range(4 * n) if torch.equal(bank[r, t], pairs.target[j])]
+        assert rows and all(r >= n for r in rows)
+        views_used.update(r // n for r in rows)
+    assert views_used <= {1, 2, 3} and len(views_used) >= 2
+
+
+def test_draft_views_other_than_two_or_four_are_a_recipe_error() -> None:
+    with pytest.raises(UserError, match="draft_views"):
+        recipe_with(VAE, extra=(*DRAFT_SETS, "data.draft_views=3"))

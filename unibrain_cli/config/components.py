@@ -12,6 +12,10 @@ AttentionBackend = Literal["auto", "sdpa", "flex", "flash"]
 StageName = Literal["vae", "sa", "draft", "unified", "dhs"]
 ThinkingPlan = Literal["generated", "forced"]  # flow.thinking_plan
 STAGE_ORDER: tuple[str, ...] = ("vae", "sa", "draft", "unified", "dhs")
+#: the image axes each view of the draft bank flips (``data.draft_views`` takes the first 2 or 4):
+#: the slice, left-right, up-down, both
+DRAFT_VIEW_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+DRAFT_VIEWS = (2, 4)
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,12 @@ class DataConfig:
     # with model.aligned_draft > 0: (context -> target) latent pairs per `unified` step on which the
     # draft network is regressed (train slices drawn like the data flow's orders; model/aligned.py)
     draft_pairs: int = 0
-    # probability that a draft pair is the slice mirrored left-right (the bank then also holds the
-    # mirrored slices' latents; 0 = no mirroring, no extra random draw)
+    # probability that a draft pair is a mirrored view of its slice (the bank then also holds the
+    # views' latents, each encoded as such; 0 = no mirroring, no extra random draw)
     draft_flip_prob: float = 0.0
+    # the views: 2 = the slice and its left-right mirror; 4 = also its up-down mirror and both (the
+    # rotation by 180 degrees), a mirrored pair then one of the three uniformly
+    draft_views: int = 2
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from unibrain_cli.config.components import STAGE_ORDER, Recipe
+from unibrain_cli.config.components import DRAFT_VIEWS, STAGE_ORDER, Recipe
 from unibrain_cli.config.validate import validate_model_config
 from unibrain_cli.errors import UserError
 from unibrain_cli.io.atomic import write_text
@@ -249,6 +249,9 @@ def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> None:
         raise RecipeError(f"'data.draft_pairs' must be >= 0, got {recipe.data.draft_pairs}", source)
     if not 0.0 <= recipe.data.draft_flip_prob <= 1.0:
         raise RecipeError(f"'data.draft_flip_prob' must be in [0, 1], got {recipe.data.draft_flip_prob}", source)
+    if recipe.data.draft_views not in DRAFT_VIEWS:
+        raise RecipeError(f"'data.draft_views' must be one of {sorted(DRAFT_VIEWS)}, got {recipe.data.draft_views}",
+                          source)
     if recipe.model.aligned_draft and not recipe.data.draft_pairs:
         raise RecipeError("'model.aligned_draft' needs 'data.draft_pairs' > 0: the draft network is trained only "
                           "on those pairs", source)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from unibrain_cli.config.components import DataConfig
+from unibrain_cli.config.components import DRAFT_VIEW_FLIPS, DataConfig
 from unibrain_cli.config.loader import recipe_to_dict
 from unibrain_cli.data.dataflow import (
     SamplePlan,
@@ -333,9 +333,9 @@ class ModelStage(StageTask):
         :meth:`build_model` (in record order, 64 images per batch: the same values after a
         resume): (record indices,
         their modalities, bank [n, num_slots, T, D] with zeros for absent modalities; with
-        ``data.draft_flip_prob`` > 0, [2n, ...]: row n + k holds slice k mirrored left-right, encoded
-        as such). Held on the CPU: 24 MB per copy for the demo's 990 slices (num_slots * T * D floats
-        per slice)."""
+        ``data.draft_flip_prob`` > 0, [V n, ...] for the V = ``data.draft_views`` views of
+        :data:`DRAFT_VIEW_FLIPS`: row v n + k holds slice k in view v, encoded as such). Held on the
+        CPU: 24 MB per view for the demo's 990 slices (num_slots * T * D floats per slice)."""
         if self._draft_bank is None:
             if self._vae is None:
                 raise RuntimeError("build_model() must run before the draft pairs are drawn")
@@ -347,7 +347,7 @@ class ModelStage(StageTask):
                                 str(self.ctx.data_dir))
             mods = [record_modalities(records[i], cfg.modalities) for i in idx]
             where = [(k, MODALITIES.index(m)) for k, ms in enumerate(mods) for m in ms]
-            views = 2 if cfg.draft_flip_prob > 0 else 1
+            views = cfg.draft_views if cfg.draft_flip_prob > 0 else 1
             bank = torch.zeros(views * len(idx), len(MODALITIES), geom.vae_image_tokens, geom.latent_dim)
             device = next(self._vae.parameters()).device
             for start in range(0, len(where), 64):
@@ -355,7 +355,8 @@ class ModelStage(StageTask):
                 pixels = torch.from_numpy(np.stack([ds.arrays(idx[k])["images"][slot] for k, slot in chunk]))
                 for view in range(views):
                     with torch.no_grad():
-                        lat = latent_tokens(self._vae, (pixels.flip(-1) if view else pixels).to(device),
+                        flips = DRAFT_VIEW_FLIPS[view]
+                        lat = latent_tokens(self._vae, (pixels.flip(flips) if flips else pixels).to(device),
                                             self.ctx.recipe.model).cpu()
                     for (k, slot), tokens in zip(chunk, lat):
                         bank[view * len(idx) + k, slot] = tokens
@@ -365,8 +366,8 @@ class ModelStage(StageTask):
     def draw_draft_pairs(self, rng: np.random.Generator, n: int | None = None) -> DraftPairs:
         """``n`` (default ``data.draft_pairs``) ground-truth pairs (:func:`dataflow.draft_pair`) of
         random train slices with at least two modalities, from :meth:`draft_bank`, for the draft
-        network's loss; each pair mirrored left-right with ``data.draft_flip_prob`` (drawn after its
-        pair, only when > 0)."""
+        network's loss; each pair a mirrored view with ``data.draft_flip_prob`` (drawn after its
+        pair, only when > 0; with more than two views, which one is drawn after that)."""
         cfg = self.ctx.recipe.data
         n = cfg.draft_pairs if n is None else n
         idx, mods, bank = self.draft_bank()
@@ -376,7 +377,10 @@ class ModelStage(StageTask):
         for j in range(n):
             k = int(rng.integers(len(idx)))
             inputs, out = draft_pair(mods[k], rng, cfg)
-            rows[j] = k + (len(idx) if cfg.draft_flip_prob > 0 and rng.random() < cfg.draft_flip_prob else 0)
+            view = 0
+            if cfg.draft_flip_prob > 0 and rng.random() < cfg.draft_flip_prob:
+                view = 1 if cfg.draft_views == 2 else 1 + int(rng.integers(cfg.draft_views - 1))
+            rows[j] = k + view * len(idx)
             present[j, [MODALITIES.index(m) for m in inputs]] = True
             target_slot[j] = MODALITIES.index(out)
         tokens = bank[torch.from_numpy(rows)]  # [B, S, T, D]
