@@ -826,3 +826,25 @@ def test_four_draft_views_hold_every_mirror_and_draw_only_mirrors_at_prob_one(pi
 def test_draft_views_other_than_two_or_four_are_a_recipe_error() -> None:
     with pytest.raises(UserError, match="draft_views"):
         recipe_with(VAE, extra=(*DRAFT_SETS, "data.draft_views=3"))
+
+
+def test_resume_accepts_a_run_recorded_before_a_field_with_its_default_existed(tmp_path: Path) -> None:
+    """A run whose run.json lacks a field a later version added is resumable when the recipe holds
+    that field at its default (what the run was trained with), and refused when it does not."""
+    from unibrain_cli.training.run import check_run_dir
+
+    recipe = recipe_with(VAE)
+    digest, parts = recipe_fingerprint(recipe)
+    old_parts = json.loads(json.dumps(parts))
+    del old_parts["data"]["draft_views"]  # as recorded before data.draft_views existed
+    run = tmp_path / "RUN"
+    run.mkdir()
+    info = {"format": "unibrain-run/1", "recipe_hash": "0" * 64, "recipe": old_parts, "stages_done": [], "stages": {}}
+    (run / "run.json").write_text(json.dumps(info))
+    assert check_run_dir(run, recipe, resume=True, stage=None) == info
+    with pytest.raises(UserError, match=r"data\.draft_views: '<absent>' -> 4"):
+        check_run_dir(run, recipe_with(VAE, extra=("data.draft_views=4",)), resume=True, stage=None)
+    old_parts["data"]["pack_tokens"] += 1  # a real difference is still refused
+    (run / "run.json").write_text(json.dumps({**info, "recipe": old_parts}))
+    with pytest.raises(UserError, match="pack_tokens"):
+        check_run_dir(run, recipe, resume=True, stage=None)

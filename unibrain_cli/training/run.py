@@ -60,11 +60,15 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
-def recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ, as "key: old -> new"."""
+def recipe_differences(old: dict[str, Any], new: dict[str, Any], ignore_added_defaults: bool = False) -> list[str]:
+    """Dotted keys whose values differ, as "key: old -> new". With ``ignore_added_defaults``, a key
+    that ``old`` lacks and ``new`` holds at the field's default (a field a later version of the
+    toolkit added: the run was trained with what that default does) is no difference."""
     a, b = _flatten(old), _flatten(new)
+    defaults = _flatten({k: v for k, v in recipe_to_dict(Recipe()).items() if k in HASHED_PARTS})
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and not (ignore_added_defaults and k not in a and k in defaults and b.get(k) == defaults[k])]
 
 
 def read_run_json(run_dir: Path) -> dict[str, Any] | None:
@@ -92,8 +96,8 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, stage: str | None
         raise UserError("output folder is not empty and holds no UniBrain run (run.json); choose a new --out",
                         str(run_dir))
     digest, parts = recipe_fingerprint(recipe)
-    if info.get("recipe_hash") != digest:
-        diffs = recipe_differences(info.get("recipe", {}), parts)
+    diffs = recipe_differences(info.get("recipe", {}), parts, ignore_added_defaults=True)
+    if info.get("recipe_hash") != digest and diffs:
         shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 8 else "")
         raise UserError(f"this run was trained with a different model/data recipe ({shown}); use the same recipe "
                         "to continue, or a new --out", str(run_dir))
