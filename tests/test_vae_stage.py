@@ -150,7 +150,7 @@ def test_recon_loss_selects_the_reconstruction_term(slices: Path, tmp_path: Path
     diff = (x_hat - batch["x"]).float()
     want = diff.abs().mean() if kind == "l1" else diff.square().mean()
     assert out.terms["recon"] == pytest.approx(float(want), rel=1e-6)
-    assert float(out.loss) == pytest.approx(float(want), rel=1e-6)
+    assert float(out.loss.detach()) == pytest.approx(float(want), rel=1e-6)
 
 
 def test_unknown_recon_loss_is_a_recipe_error() -> None:
