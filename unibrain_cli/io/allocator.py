@@ -3,17 +3,17 @@
 glibc's malloc serves every block above its mmap threshold (128 KiB at start, raised dynamically
 up to 32 MiB) from a fresh ``mmap`` and unmaps it on ``free``. A 1-mm volume is a 29 MB float32
 array, and ``prepare`` / ``slice`` make several per volume (inflate buffer, parsed array, resampled
-and normalised copies): every one of them is page-faulted in from zero pages again, which was a
-fifth of ``prepare``'s CPU time (system time 1.9-2.7 s of 10.8-11.8 s for six cases, 0.7-0.8 s
-with the settings below; README, *Benchmarks*). The same settings keep the training stages'
-activations and gradients in the heap between steps.
+and normalised copies): every one of them was page-faulted in again from zero pages, a fifth of
+``prepare``'s CPU time (six cases, one worker: system time 2.3-3.1 s of 11.5-12.5 s wall, 0.7-1.2
+s with the settings below; `prepare` + `slice` 1.31x faster; README, *Benchmarks*). The training
+stages do not gain measurably: torch's blocks already stay below glibc's dynamic threshold.
 
 :func:`tune_malloc` raises the mmap threshold to 128 MiB (a float32 volume of a real 1-mm scan
-and its float64 temporaries; glibc before 2.35 accepts at most 32 MiB, then that is used) and
-keeps up to 1 GiB of free heap (trim threshold, top pad), the documented ``mallopt`` knobs. It changes where blocks live,
-not what is computed (arrays and tensors are as aligned as before: torch asks for 64-byte
-alignment itself). It runs once, in the CLI process, before any worker is forked (workers inherit
-it); it does nothing off glibc, when the user set any ``MALLOC_*_`` variable (theirs win), or with
+and its float64 temporaries; where glibc refuses that, its older maximum of 32 MiB) and keeps up
+to 1 GiB of free heap (trim threshold, top pad), the documented ``mallopt`` knobs. It changes
+where blocks live, not what is computed (arrays and tensors are as aligned as before: torch asks
+for 64-byte alignment itself; the demo's checkpoints and tables came out identical). It runs once,
+in the CLI process, before any worker is forked (workers inherit it); it does nothing off glibc, when the user set any ``MALLOC_*_`` variable (theirs win), or with
 ``UNIBRAIN_TUNE_MALLOC=0`` (glibc's defaults; `make bench`'s ``malloc_data_steps`` compares both).
 """
 
