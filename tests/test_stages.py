@@ -848,3 +848,23 @@ def test_resume_accepts_a_run_recorded_before_a_field_with_its_default_existed(t
     (run / "run.json").write_text(json.dumps({**info, "recipe": old_parts}))
     with pytest.raises(UserError, match="pack_tokens"):
         check_run_dir(run, recipe, resume=True, stage=None)
+
+
+def test_packs_encode_only_the_images_shown_as_latents(pipeline: Path, slices: Path) -> None:
+    """The unified module's latents of a pack's VAE spans equal the all-pixels encoding; images shown
+    only as ViT views are not encoded (zero rows)."""
+    recipe = recipe_with(VAE, {"name": "unified", "steps": 1}, extra=("data.understanding_only_prob=0.5",))
+    stage = UnifiedStage(ctx_for(recipe, 1, slices, pipeline))
+    module = stage.build_model()
+    skipped = 0
+    for seed in range(4):
+        batch = stage.next_batch(0, stage_generator(seed, 1, 0))["batch"]
+        full, vit_full = module.encode_images(batch.pixels)
+        lat, vit = module.encode_images(batch.pixels, batch.vae_src)
+        used = torch.unique(batch.vae_src)
+        assert torch.equal(vit, vit_full)
+        assert torch.allclose(lat[used], full[used], atol=1e-5)
+        unused = [i for i in range(batch.pixels.shape[0]) if i not in set(used.tolist())]
+        assert float(lat[unused].abs().sum()) == 0.0
+        skipped += len(unused)
+    assert skipped > 0

@@ -130,7 +130,7 @@ SMALL_BEFORE: tuple[str, ...] = (
     "data.pack_tokens=1280", "data.generation_only_prob=0.25", "data.impression_prob=0.25",
     "data.diagnosis_prob=0.25", "data.thinking_prob=0.7", "data.generation_thinking_prob=0.7",
     "data.image_free_prob=0.0", "model.aligned_context=off", "model.aligned_draft=0", "data.draft_pairs=0", "model.draft_residual=false",
-    "data.draft_flip_prob=0.0", "train.stages.0.recon_loss=l1",
+    "data.draft_flip_prob=0.0", "train.stages.0.recon_loss=l1", "train.stages.0.steps=500", "train.stages.0.batch_size=16",
     "model.llm.hidden_size=384", "model.llm.intermediate_size=1024", "model.llm.num_layers=6",
     "model.llm.num_heads=6", "model.llm.num_kv_heads=2", "model.llm.head_dim=64", "model.vit.patch_size=8",
 )

@@ -109,11 +109,23 @@ class UnifiedTrainModule(nn.Module):
         self.flow_weight = float(flow_weight)
 
     @torch.no_grad()
-    def encode_images(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        """Ground-truth views of ``pixels`` [n, S, S]: (latent tokens [n, T, D], ViT patches [n, Tv, P])."""
+    def encode_images(self, pixels: Tensor, need: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Ground-truth views of ``pixels`` [n, S, S]: (latent tokens [n, T, D], ViT patches [n, Tv, P]).
+
+        ``need``: indices of the pixels whose latents are used (a pack's ``vae_src``); the autoencoder
+        encodes only those and the other rows are zeros (images shown only as ViT views, e.g. every
+        understanding-only sample, cost no encoder pass). None: all."""
         g = self.geom
-        return (latent_tokens(self.vae, pixels, self.model.config),
-                vit_tokens(pixels, g.vit_patch, g.vit_channels, g.vit_size))
+        vit = vit_tokens(pixels, g.vit_patch, g.vit_channels, g.vit_size)
+        if need is None:
+            return latent_tokens(self.vae, pixels, self.model.config), vit
+        rows = torch.unique(need.to(pixels.device))
+        if not rows.numel():
+            return pixels.new_zeros(pixels.shape[0], g.vae_image_tokens, g.latent_dim), vit
+        enc = latent_tokens(self.vae, pixels[rows], self.model.config)
+        lat = enc.new_zeros(pixels.shape[0], *enc.shape[1:])
+        lat[rows] = enc
+        return lat, vit
 
     def terms(self, batch: TrainBatch, lat: Tensor, vit: Tensor, gen_lat: Tensor | None = None,
               gen_vit: Tensor | None = None, norm: Mapping[str, float] | None = None,
@@ -157,7 +169,7 @@ class UnifiedTrainModule(nn.Module):
                 raise ValueError("nothing to train: no packed batch and no draft pairs")
             d = self.draft_loss(draft, norm)
             return {"loss": d, "draft": d.detach()}
-        lat, vit = self.encode_images(batch.pixels)
+        lat, vit = self.encode_images(batch.pixels, batch.vae_src)
         out = self.combine(self.terms(batch, lat, vit, norm=norm))
         if draft is not None:
             d = self.draft_loss(draft, norm)
