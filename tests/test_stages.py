@@ -868,3 +868,9 @@ def test_packs_encode_only_the_images_shown_as_latents(pipeline: Path, slices: P
         assert float(lat[unused].abs().sum()) == 0.0
         skipped += len(unused)
     assert skipped > 0
+    # a pack of understanding-only samples still runs the encoder once (FSDP ranks stay in step)
+    calls = []
+    hook = module.vae.encoder.register_forward_hook(lambda *_: calls.append(1))
+    lat, _ = module.encode_images(batch.pixels, batch.vae_src[:0])
+    hook.remove()
+    assert calls == [1] and lat.shape == full.shape and float(lat[1:].abs().sum()) == 0.0

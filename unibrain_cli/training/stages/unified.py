@@ -114,14 +114,15 @@ class UnifiedTrainModule(nn.Module):
 
         ``need``: indices of the pixels whose latents are used (a pack's ``vae_src``); the autoencoder
         encodes only those and the other rows are zeros (images shown only as ViT views, e.g. every
-        understanding-only sample, cost no encoder pass). None: all."""
+        understanding-only sample, cost no encoder pass). None: all. A pack that needs no latent still
+        encodes its first image (unread), so under FSDP every rank runs the sharded encoder alike."""
         g = self.geom
         vit = vit_tokens(pixels, g.vit_patch, g.vit_channels, g.vit_size)
         if need is None:
             return latent_tokens(self.vae, pixels, self.model.config), vit
         rows = torch.unique(need.to(pixels.device))
         if not rows.numel():
-            return pixels.new_zeros(pixels.shape[0], g.vae_image_tokens, g.latent_dim), vit
+            rows = torch.zeros(1, dtype=torch.long, device=pixels.device)
         enc = latent_tokens(self.vae, pixels[rows], self.model.config)
         lat = enc.new_zeros(pixels.shape[0], *enc.shape[1:])
         lat[rows] = enc
