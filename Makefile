@@ -14,8 +14,8 @@ export OMP_NUM_THREADS ?= 2
 SLICES ?= $(DEMO_DIR)/slices
 EXP_DIR ?= experiments
 # U-Net baseline steps per chain: the three chain U-Nets together fit in 187 s on the 2-core Xeon
-# of 2026-11-30 (nothing else running), less than the demo's unified stage (325 s), and still beat
-# UniBrain by 7-11 dB PSNR (README)
+# of 2026-11-30 (nothing else running), less than the demo's unified stage (325 s then, 514 s now),
+# and still beat UniBrain, by 0-2.4 dB PSNR since the fifteenth session (7-11 dB then; README)
 UNET_STEPS ?= 500
 
 setup: $(STAMP)

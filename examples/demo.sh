@@ -22,7 +22,7 @@ stamp "2/6 prepare: join reports and volumes, RAS+ 1 mm, [0, 1] intensities"
 $UB prepare "$D/phantom/radgenome" --images "$D/phantom/images" --out "$D/prepared" --workers 2
 stamp "3/6 slice: lesion-centred 64x64 axial slices with 2D size phrases"
 $UB slice "$D/prepared" --out "$D/slices" --size 64 --per-case 6 --workers 2
-stamp "4/6 train: $RECIPE (vae -> sa -> draft -> unified -> dhs)"
+stamp "4/6 train: $RECIPE (vae -> sa -> draft -> unified -> und -> dhs)"
 $UB train --recipe "$RECIPE" --data "$D/slices" --out "$D/run"
 stamp "5/6 impute: T2 and FLAIR volumes (every brain slice) of one test case from its T1"
 CASE=$($PY - "$D/prepared" <<'PYEOF'

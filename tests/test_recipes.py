@@ -121,19 +121,23 @@ def test_defaults_are_frozen():
 
 def test_ablation_recipes_match_small_except_the_stages():
     """Table 3 compares variants at the same model, data and transformer-stage budget as `small`; the
-    variants that generate also get `small`'s draft stage (the understanding-only A never reads the draft)."""
+    variants that generate also get `small`'s draft stage (the understanding-only A never reads the draft), and
+    every variant gets `small`'s understanding stage `und` (outside the budget, like the draft)."""
     small = load_recipe("small")
-    budget = sum(s.steps for s in small.train.stages if s.name not in ("vae", "draft"))
+    extra = ("vae", "draft", "und")
+    budget = sum(s.steps for s in small.train.stages if s.name not in extra)
     draft = next(s for s in small.train.stages if s.name == "draft")
-    expected = {"A": ["vae", "unified"], "B": ["vae", "draft", "unified"], "C": ["vae", "sa", "draft", "unified"]}
+    und = next(s for s in small.train.stages if s.name == "und")
+    expected = {"A": ["vae", "unified", "und"], "B": ["vae", "draft", "unified", "und"],
+                "C": ["vae", "sa", "draft", "unified", "und"]}
     for variant, names in expected.items():
         r = load_recipe(f"recipes/ablation-{variant}.toml")
         assert [s.name for s in r.train.stages] == names
         assert r.model == small.model and r.flow == small.flow
         assert replace(r.data, understanding_only_prob=small.data.understanding_only_prob) == small.data
         assert r.data.understanding_only_prob == (1.0 if variant == "A" else small.data.understanding_only_prob)
-        assert sum(s.steps for s in r.train.stages if s.name not in ("vae", "draft")) == budget
-        assert r.train.stages[0] == small.train.stages[0]
+        assert sum(s.steps for s in r.train.stages if s.name not in extra) == budget
+        assert r.train.stages[0] == small.train.stages[0] and r.train.stages[-1] == und
         assert all(s == draft for s in r.train.stages if s.name == "draft")
 
 

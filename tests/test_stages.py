@@ -14,7 +14,7 @@ from slices_helpers import write_slices
 
 from unibrain_cli.config import load_recipe
 from unibrain_cli.config.components import Recipe
-from unibrain_cli.data.dataflow import SamplePlan, self_alignment_plan
+from unibrain_cli.data.dataflow import SamplePlan, TextSegment, self_alignment_plan, understanding_plan
 from unibrain_cli.data.tokenizer import TextTokenizer
 from unibrain_cli.errors import UserError
 from unibrain_cli.modalities import MODALITIES
@@ -35,6 +35,7 @@ from unibrain_cli.training.run import recipe_fingerprint, train
 from unibrain_cli.training.stages import StageContext, stage_generator
 from unibrain_cli.training.stages.dhs import DHSStage
 from unibrain_cli.training.stages.sa import SAStage
+from unibrain_cli.training.stages.und import UndStage
 from unibrain_cli.training.stages.unified import UnifiedStage
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -297,6 +298,51 @@ def test_sa_trains_only_the_generation_expert(pipeline: Path, slices: Path, tmp_
     assert "model.language_model.model.layers.1.self_attn.k_norm_moe_gen" in trainable
 
 
+def test_und_trains_only_the_understanding_side_on_understanding_packs(pipeline: Path, slices: Path,
+                                                                          tmp_path: Path) -> None:
+    """``und`` changes the ViT, the connector and the understanding expert (embedding, LM head
+    included) and nothing of the generation side; every sample it draws is understanding-only, so
+    its packs carry answers and no flow-loss token; ``dhs`` starts from its export."""
+    from unibrain_cli.training.model_init import load_bundle
+
+    und = {"name": "und", "steps": 2, "lr": 1e-2, "ema_decay": 0.0}
+    recipe = recipe_with(VAE, und, {"name": "dhs", "steps": 1, "dhs_rollout_steps": 2})
+    run = copy_vae_run(pipeline, tmp_path / "RUN")
+    stage = UndStage(ctx_for(recipe, 1, slices, run))
+    before = {k: v.clone() for k, v in stage.build_model().state_dict().items()}
+    rng = np.random.default_rng(0)
+    plans = [p for _ in range(3) for _, p in stage.draw_pack(rng)]
+    assert len(plans) > 3 and all(p.kind == "understanding" for p in plans)
+    def answers(plan: SamplePlan) -> int:
+        return sum(isinstance(s, TextSegment) and s.role == "answer" for s in plan.segments)
+
+    # no findings question before the answer (the recipe's data flow would ask one): answers read the images
+    assert all(answers(p) == 1 for p in plans)
+    _, records = stage.dataset()
+    assert any(answers(understanding_plan(r, rng, recipe.data)) == 2 for r in records for _ in range(5))
+    counts = stage.loss_counts(stage.next_batch(0, stage_generator(0, 1, 0)))
+    assert counts["ntp"] > 0 and counts["flow"] == 0 and counts["sa"] == 0
+    summary = train(recipe, slices, run, stage="und")
+    assert summary.stages["und"]["status"] == "trained"
+    after = load_file(str(run / "und" / "final" / "model.safetensors"))
+    changed = {k for k in after if not torch.equal(before["model." + k], after[k])}
+    gen = ("_moe_gen", "vae2llm.", "llm2vae.", "time_embedder.", "aligned_context.")
+    assert changed and not any(g in k for k in changed for g in gen)
+    frozen = [k for k in after if any(g in k for g in gen)]
+    assert len(frozen) > 20 and all(torch.equal(before["model." + k], after[k]) for k in frozen)
+    for part in ("vit_model.", "connector.", "layers.0.mlp.", "layers.1.self_attn.q_proj.", "lm_head", "embed_tokens"):
+        assert any(part in k for k in changed), part
+    start = load_bundle(recipe, {"vae": run / "vae" / "final", "und": run / "und" / "final"}, slices).model
+    assert all(torch.equal(v, after[k]) for k, v in start.state_dict().items())
+
+
+def test_und_is_listed_between_unified_and_dhs() -> None:
+    with pytest.raises(UserError, match="order vae -> sa -> draft -> unified -> und -> dhs"):
+        recipe_with(VAE, {"name": "dhs", "steps": 1}, {"name": "und", "steps": 1})
+    assert [s.name for s in recipe_with(VAE, {"name": "unified", "steps": 1}, {"name": "und", "steps": 1},
+                                        {"name": "dhs", "steps": 1}).train.stages] == ["vae", "unified", "und", "dhs"]
+
+
 DRAFT_SETS = ("model.aligned_context=on", "model.aligned_draft=8", "data.draft_pairs=4")
 
 
@@ -377,7 +423,7 @@ def test_draft_stage_errors(pipeline: Path, slices: Path, tmp_path: Path) -> Non
     with pytest.raises(UserError, match="model.aligned_draft"):
         train(recipe_with(VAE, {"name": "draft", "steps": 1}), slices, tmp_path / "R1")
     assert not (tmp_path / "R1").exists()
-    with pytest.raises(UserError, match="order vae -> sa -> draft -> unified -> dhs"):
+    with pytest.raises(UserError, match="order vae -> sa -> draft -> unified -> und -> dhs"):
         recipe_with(VAE, {"name": "unified", "steps": 1}, {"name": "draft", "steps": 1}, extra=DRAFT_SETS)
 
 
@@ -848,6 +894,26 @@ def test_resume_accepts_a_run_recorded_before_a_field_with_its_default_existed(t
     (run / "run.json").write_text(json.dumps({**info, "recipe": old_parts}))
     with pytest.raises(UserError, match="pack_tokens"):
         check_run_dir(run, recipe, resume=True, stage=None)
+
+
+def test_dhs_losses_are_the_same_without_encoding_the_images_shown_only_as_vit(pipeline: Path,
+                                                                              slices: Path) -> None:
+    """DHS encodes only a pack's latent images too: the rollout and the training forward read no other row."""
+    recipe = recipe_with(VAE, {"name": "dhs", "steps": 1, "dhs_rollout_steps": 2},
+                         extra=("data.understanding_only_prob=0.5",))
+    stage = DHSStage(ctx_for(recipe, 1, slices, pipeline))
+    module = stage.build_model()
+    skipped = 0
+    for seed in range(3):
+        batch = stage.next_batch(0, stage_generator(seed, 1, 0))["batch"]
+        skipped += batch.pixels.shape[0] - len(torch.unique(batch.vae_src))
+        with torch.no_grad():
+            full = module.losses(batch, *module.encode_images(batch.pixels))
+            part = module.losses(batch, *module.encode_images(batch.pixels, batch.vae_src))
+        for name in ("ntp", "flow", "sa"):
+            assert torch.allclose(torch.as_tensor(getattr(part, name)), torch.as_tensor(getattr(full, name)),
+                                  atol=1e-5), name
+    assert skipped > 0
 
 
 def test_packs_encode_only_the_images_shown_as_latents(pipeline: Path, slices: Path) -> None:

@@ -1,4 +1,4 @@
-"""`unibrain train`: the UniBrain stages (vae, sa, draft, unified, dhs) from a TOML recipe."""
+"""`unibrain train`: the UniBrain stages (vae, sa, draft, unified, und, dhs) from a TOML recipe."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def train(
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe TOML file or shipped name (tiny, small, bagel-7b)."),
     data: Path = typer.Option(None, "--data", help="SLICES folder from `unibrain slice`."),
     out_dir: Path = typer.Option(None, "--out", "-o", help="Run folder (checkpoints, metrics, resolved recipe)."),
-    stage: str | None = typer.Option(None, "--stage", help="Run only this stage (vae, sa, draft, unified, dhs)."),
+    stage: str | None = typer.Option(None, "--stage", help="Run only this stage (vae, sa, draft, unified, und, dhs)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe value: --set train.seed=3 (repeatable)."),
 ) -> None:

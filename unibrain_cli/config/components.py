@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 AttentionBackend = Literal["auto", "sdpa", "flex", "flash"]
-StageName = Literal["vae", "sa", "draft", "unified", "dhs"]
+StageName = Literal["vae", "sa", "draft", "unified", "und", "dhs"]
 ThinkingPlan = Literal["generated", "forced"]  # flow.thinking_plan
-STAGE_ORDER: tuple[str, ...] = ("vae", "sa", "draft", "unified", "dhs")
+STAGE_ORDER: tuple[str, ...] = ("vae", "sa", "draft", "unified", "und", "dhs")
 #: the image axes each view of the draft bank flips (``data.draft_views`` takes the first 2 or 4):
 #: the slice, left-right, up-down, both
 DRAFT_VIEW_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))

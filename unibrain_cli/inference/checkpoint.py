@@ -40,7 +40,7 @@ from unibrain_cli.model.memory import MemoryOptions, check_memory_options
 from unibrain_cli.model.vae import AutoEncoder
 
 #: Stage exports usable for inference, most trained first.
-INFERENCE_STAGES: tuple[str, ...] = ("dhs", "unified", "sa")
+INFERENCE_STAGES: tuple[str, ...] = ("dhs", "und", "unified", "sa")
 
 
 class InferenceBundle(NamedTuple):

@@ -1,4 +1,4 @@
-"""The unified model, its autoencoder and its tokenizer for the model stages (sa, draft, unified, dhs).
+"""The unified model, its autoencoder and its tokenizer for the model stages (sa, draft, unified, und, dhs).
 
 Where a model stage starts from (:func:`load_bundle`):
 
@@ -53,7 +53,7 @@ from unibrain_cli.model.checkpoint import (
 from unibrain_cli.model.vae import AutoEncoder
 
 #: Stages whose export is a unified-model folder.
-MODEL_STAGES: tuple[str, ...] = ("sa", "draft", "unified", "dhs")
+MODEL_STAGES: tuple[str, ...] = ("sa", "draft", "unified", "und", "dhs")
 #: VAEConfig fields that define the architecture (scale/shift/resolution may differ).
 VAE_ARCH_FIELDS: tuple[str, ...] = ("in_channels", "ch", "ch_mult", "num_res_blocks", "z_channels")
 #: ModelConfig fields a loaded model must share with the recipe.

@@ -78,6 +78,7 @@ STAGES: dict[str, str | None] = {
     "sa": "unibrain_cli.training.stages.sa:SAStage",
     "draft": "unibrain_cli.training.stages.draft:DraftStage",
     "unified": "unibrain_cli.training.stages.unified:UnifiedStage",
+    "und": "unibrain_cli.training.stages.und:UndStage",
     "dhs": "unibrain_cli.training.stages.dhs:DHSStage",
 }
 

@@ -286,7 +286,7 @@ class DHSTrainModule(UnifiedTrainModule):
                           from_states=~batch.slot_sa)
 
     def forward(self, batch: TrainBatch, norm: Mapping[str, float] | None = None) -> dict[str, Tensor]:
-        lat, vit = self.encode_images(batch.pixels)
+        lat, vit = self.encode_images(batch.pixels, batch.vae_src)  # ViT-only images: no encoder pass
         return self.combine(self.losses(batch, lat, vit, norm))
 
 

@@ -1,0 +1,90 @@
+"""The ``und`` stage: the understanding side alone, between ``unified`` and ``dhs``.
+
+The paper starts from BAGEL-7B-MoT, whose SigLIP ViT and understanding expert already read images
+when UniBrain's stages begin. A from-scratch model learns to read the slices only from the
+diagnosis answers of the ``unified`` stage, about five tumour answers per packed step between long
+interleaved samples, and there it learns the cheap cues first: the modality set tells stroke (DWI)
+and white-matter hyperintensities apart, while the three tumour classes stay at chance (fifteenth
+session, README: a linear probe on the frozen ViT features separates them at 70 %).
+
+A sample is :func:`dataflow.understanding_plan` of a random train slice (a random non-empty subset
+of its modalities as ViT images, in random order, with visual dropout; the impression / diagnosis
+question and its answer, NTP loss), packed up to ``data.pack_tokens``: about 70 tokens a sample,
+so a pack holds some 25 answers. No image is generated, so a step costs about 60 % of a
+``unified`` one. No findings question (``data.findings_prob`` is 0 here): with one, 30 % of the
+answers follow a findings text that names the lesion, so they can be read off that text, and the
+findings answers' ``"<MOD>: ..."`` form leaked into the thinking the model writes before each
+generated image (sixteenth session, two seeds, README: closed-set Top-1 over Table 1's four
+scenarios 49.7 % with findings questions, 59.3 % without).
+
+Trainable: the ViT, the connector and the understanding expert (every decoder module that is not a
+``*_moe_gen`` one: token embedding, attention projections and norms, MLP, layer norms, final norm,
+LM head). The generation expert, its bridges (``vae2llm``, ``llm2vae``, ``time_embedder``), the
+aligned path and the autoencoder are frozen and exported bit-identical. Generation still reads the
+understanding expert's keys and values of the context's text and ViT tokens; ``dhs`` then trains
+the whole model on its own rollouts (sixteenth session, README: T1 -> T2 PSNR unchanged to 0.02 dB).
+
+After ``unified``, not before ``sa``: 150 understanding-only steps placed first were lost in the
+400 unified steps after them (fifteenth session, README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from unibrain_cli.config.components import DataConfig
+from unibrain_cli.data.dataflow import (
+    SamplePlan,
+    record_diseases,
+    record_impression,
+    record_modalities,
+    understanding_plan,
+)
+from unibrain_cli.training.stages.unified import ModelStage
+
+#: Top-level modules of the unified model the ``und`` stage trains besides the decoder's
+#: understanding expert.
+UND_MODULES: tuple[str, ...] = ("vit_model", "connector")
+
+
+def understanding_expert_modules(model: nn.Module, prefix: str = "") -> list[str]:
+    """Dotted names (under ``prefix``) of the decoder's modules that hold parameters directly and
+    are not part of the generation expert (no ``*_moe_gen`` in their path): the token embedding,
+    attention projections and norms, MLPs, layer norms, final norm and LM head."""
+    names = []
+    for name, module in model.language_model.named_modules():
+        if any(part.endswith("_moe_gen") for part in name.split(".")):
+            continue
+        if any(True for _ in module.parameters(recurse=False)):
+            names.append(f"{prefix}language_model.{name}" if name else f"{prefix}language_model")
+    return names
+
+
+class UndStage(ModelStage):
+    """See the module docstring."""
+
+    name = "und"
+
+    def usable(self, record: dict[str, Any]) -> bool:
+        return bool(record_modalities(record, self.ctx.recipe.data.modalities)) and (
+            bool(record_impression(record)) or bool(record_diseases(record)))
+
+    def plan_config(self) -> DataConfig:
+        """The recipe's data flow without findings questions (``findings_prob = 0``): an answer that
+        follows a findings answer of the same sample can be read off that text instead of the images
+        (see the module docstring)."""
+        return dataclasses.replace(self.ctx.recipe.data, findings_prob=0.0)
+
+    def draw_plan(self, rng: np.random.Generator) -> tuple[int, SamplePlan]:
+        _, records = self.dataset()
+        i = int(rng.integers(len(records)))
+        return i, understanding_plan(records[i], rng, self.plan_config())
+
+    def trainable_modules(self, model: nn.Module) -> Sequence[str]:
+        inner = model.get_submodule("model")
+        return (*understanding_expert_modules(inner, "model."), *(f"model.{n}" for n in UND_MODULES))
