@@ -303,6 +303,7 @@ def test_und_trains_only_the_understanding_side_on_understanding_packs(pipeline:
     """``und`` changes the ViT, the connector and the understanding expert (embedding, LM head
     included) and nothing of the generation side; every sample it draws is understanding-only, so
     its packs carry answers and no flow-loss token; ``dhs`` starts from its export."""
+    from unibrain_cli.inference.checkpoint import resolve_checkpoint
     from unibrain_cli.training.model_init import load_bundle
 
     und = {"name": "und", "steps": 2, "lr": 1e-2, "ema_decay": 0.0}
@@ -334,6 +335,12 @@ def test_und_trains_only_the_understanding_side_on_understanding_packs(pipeline:
         assert any(part in k for k in changed), part
     start = load_bundle(recipe, {"vae": run / "vae" / "final", "und": run / "und" / "final"}, slices).model
     assert all(torch.equal(v, after[k]) for k, v in start.state_dict().items())
+    # a run that ends with `und` (the Table 3 variants) is served from it; `dhs` wins once it exists
+    assert resolve_checkpoint(run) == run / "und" / "final"
+    (run / "dhs" / "final").mkdir(parents=True)
+    shutil.copy(run / "und" / "final" / "config.json", run / "dhs" / "final" / "config.json")
+    shutil.copy(run / "und" / "final" / "model.safetensors", run / "dhs" / "final" / "model.safetensors")
+    assert resolve_checkpoint(run) == run / "dhs" / "final"
 
 
 def test_und_is_listed_between_unified_and_dhs() -> None:
