@@ -15,7 +15,8 @@ so a pack holds some 25 answers. No image is generated, so a step costs about 60
 answers follow a findings text that names the lesion, so they can be read off that text, and the
 findings answers' ``"<MOD>: ..."`` form leaked into the thinking the model writes before each
 generated image (sixteenth session, two seeds, README: closed-set Top-1 over Table 1's four
-scenarios 49.7 % with findings questions, 59.3 % without). What the demo model writes as thinking
+scenarios 49.7 % with findings questions, 59.3 % without them in ``und`` and ``dhs``, 57.3 % as
+shipped in ``small``, whose ``dhs`` keeps them). What the demo model writes as thinking
 before a generated image changes form: an impression and a diagnosis where the paper's planning
 sentence and findings go (before the stage: one training case's findings, whatever the input).
 
