@@ -19,6 +19,8 @@ from unibrain_cli.data.dataflow import (
     TextSegment,
     build_plan,
     describe_plan,
+    mirror_plan,
+    mirror_text,
     oversized,
     pack_plans,
     plan_token_count,
@@ -315,6 +317,26 @@ def test_understanding_plan_shape():
             shown = {T.DISPLAY_NAMES[s.modality] for s in imgs} | {T.DISPLAY_NAMES[m] for m in pl.start_modalities}
             assert label in shown and finding
         assert pl.kind == "understanding" and pl.understanding_only and pl.task != "generation"
+
+
+def test_mirror_text_swaps_laterality_and_keeps_case():
+    assert mirror_text("Left frontal lobe mass; the right parietal lobe and LEFT side. Bright, leftover.") == \
+        "Right frontal lobe mass; the left parietal lobe and RIGHT side. Bright, leftover."
+    assert mirror_text("Final Diagnosis: glioma") == "Final Diagnosis: glioma"
+
+
+def test_mirror_plan_mirrors_every_text_and_marks_the_images():
+    rng = np.random.default_rng(3)
+    plan = understanding_plan(BRATS, rng, replace(DataConfig(), findings_prob=0.0, diagnosis_prob=0.0,
+                                                  generation_only_prob=0.0, impression_prob=1.0))
+    mirrored = mirror_plan(plan)
+    assert mirrored.meta["mirrored"] and "mirrored" not in plan.meta
+    answer = [s.text for s in mirrored.segments if isinstance(s, TextSegment) and s.role == "answer"]
+    assert answer == ["Impression: Space-occupying lesion in the right frontal lobe, considering glioma."]
+    assert [s for s in mirrored.segments if isinstance(s, ImageSegment)] == \
+        [s for s in plan.segments if isinstance(s, ImageSegment)]
+    assert mirror_plan(mirrored).segments == plan.segments  # an involution on the text
+    validate_plan(mirrored)
 
 
 def test_self_alignment_plan_shape():

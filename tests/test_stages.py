@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -343,6 +344,23 @@ def test_und_trains_only_the_understanding_side_on_understanding_packs(pipeline:
     assert resolve_checkpoint(run) == run / "dhs" / "final"
 
 
+def test_und_mirrors_whole_samples_with_understanding_flip_prob(pipeline: Path, slices: Path, tmp_path: Path) -> None:
+    """``data.understanding_flip_prob`` = 1: every ``und`` sample is its slice's left-right mirror,
+    all of its images flipped along the columns and "left" / "right" swapped in its text; 0 draws
+    the same packs as before the knob existed (no extra random draw)."""
+    und = {"name": "und", "steps": 1}
+    plain = recipe_with(VAE, und)
+    run = copy_vae_run(pipeline, tmp_path / "RUN")
+    base = UndStage(ctx_for(plain, 1, slices, run))
+    flipped = UndStage(ctx_for(recipe_with(VAE, und, extra=("data.understanding_flip_prob=1.0",)), 1, slices, run))
+    off = UndStage(ctx_for(recipe_with(VAE, und, extra=("data.understanding_flip_prob=0.0",)), 1, slices, run))
+    first = [(i, p) for i, p in base.draw_pack(np.random.default_rng(4))]
+    assert [(i, p) for i, p in off.draw_pack(np.random.default_rng(4))] == first
+    pack = flipped.draw_pack(np.random.default_rng(4))
+    assert pack and all(p.meta.get("mirrored") for _, p in pack)
+    _, stack = flipped.materialize(pack)[:2]
+    _, plain_stack = base.materialize([(i, replace(p, meta={})) for i, p in pack])[:2]
+    torch.testing.assert_close(stack, plain_stack.flip(-1), rtol=0, atol=0)
 def test_und_is_listed_between_unified_and_dhs() -> None:
     with pytest.raises(UserError, match="order vae -> sa -> draft -> unified -> und -> dhs"):
         recipe_with(VAE, {"name": "dhs", "steps": 1}, {"name": "und", "steps": 1})

@@ -55,6 +55,10 @@ class DataConfig:
     # the views: 2 = the slice and its left-right mirror; 4 = also its up-down mirror and both (the
     # rotation by 180 degrees), a mirrored pair then one of the three uniformly
     draft_views: int = 2
+    # `und` stage: probability that an understanding sample is mirrored left-right (every image of
+    # it, and "left" / "right" swapped in its text: :func:`unibrain_cli.data.dataflow.mirror_plan`);
+    # 0 = no mirroring, no extra random draw
+    understanding_flip_prob: float = 0.0
 
 
 @dataclass(frozen=True)

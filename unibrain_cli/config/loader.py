@@ -249,6 +249,9 @@ def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> None:
         raise RecipeError(f"'data.draft_pairs' must be >= 0, got {recipe.data.draft_pairs}", source)
     if not 0.0 <= recipe.data.draft_flip_prob <= 1.0:
         raise RecipeError(f"'data.draft_flip_prob' must be in [0, 1], got {recipe.data.draft_flip_prob}", source)
+    if not 0.0 <= recipe.data.understanding_flip_prob <= 1.0:
+        raise RecipeError("'data.understanding_flip_prob' must be in [0, 1], got "
+                          f"{recipe.data.understanding_flip_prob}", source)
     if recipe.data.draft_views not in DRAFT_VIEWS:
         raise RecipeError(f"'data.draft_views' must be one of {sorted(DRAFT_VIEWS)}, got {recipe.data.draft_views}",
                           source)

@@ -53,8 +53,10 @@ and the thinking still carries the findings of dropped inputs (they are known mo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -449,6 +451,31 @@ def understanding_plan(record: Mapping[str, Any], rng: np.random.Generator, cfg:
         meta=meta,
         kind="understanding",
     )
+
+
+_LATERALITY = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+_MIRRORED_SIDE = {"left": "right", "right": "left"}
+
+
+def mirror_text(text: str) -> str:
+    """``text`` with the words "left" and "right" swapped, their capitalisation kept ("Left frontal
+    lobe" -> "Right frontal lobe", "LEFT" -> "RIGHT"): the report of the left-right mirrored slice."""
+    def swap(m: re.Match[str]) -> str:
+        word = m.group(0)
+        out = _MIRRORED_SIDE[word.lower()]
+        if word.isupper():
+            return out.upper()
+        return out.capitalize() if word[0].isupper() else out
+    return _LATERALITY.sub(swap, text)
+
+
+def mirror_plan(plan: SamplePlan) -> SamplePlan:
+    """The plan of the left-right mirror of its slice: every text segment through :func:`mirror_text`
+    and ``meta["mirrored"] = True``, which tells the stage to flip every image of the sample along its
+    columns (the subject's left-right axis, :func:`unibrain_cli.data.slicing.axial_slice`)."""
+    segments = tuple(dataclasses.replace(seg, text=mirror_text(seg.text)) if isinstance(seg, TextSegment) else seg
+                     for seg in plan.segments)
+    return dataclasses.replace(plan, segments=segments, meta={**plan.meta, "mirrored": True})
 
 
 def self_alignment_plan(modality: str, rng: np.random.Generator | None = None) -> SamplePlan:

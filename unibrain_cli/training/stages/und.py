@@ -43,6 +43,7 @@ from torch import nn
 from unibrain_cli.config.components import DataConfig
 from unibrain_cli.data.dataflow import (
     SamplePlan,
+    mirror_plan,
     record_diseases,
     record_impression,
     record_modalities,
@@ -86,7 +87,11 @@ class UndStage(ModelStage):
     def draw_plan(self, rng: np.random.Generator) -> tuple[int, SamplePlan]:
         _, records = self.dataset()
         i = int(rng.integers(len(records)))
-        return i, understanding_plan(records[i], rng, self.plan_config())
+        cfg = self.plan_config()
+        plan = understanding_plan(records[i], rng, cfg)
+        if cfg.understanding_flip_prob > 0 and rng.random() < cfg.understanding_flip_prob:
+            plan = mirror_plan(plan)
+        return i, plan
 
     def trainable_modules(self, model: nn.Module) -> Sequence[str]:
         inner = model.get_submodule("model")

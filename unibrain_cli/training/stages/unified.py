@@ -307,6 +307,8 @@ class ModelStage(StageTask):
         slot = 0
         for rec, plan in chosen:
             arrays = ds.arrays(rec)["images"]
+            if plan.meta.get("mirrored"):  # dataflow.mirror_plan: the slice's left-right mirror
+                arrays = np.ascontiguousarray(arrays[..., ::-1])
             local: dict[str, int] = {}
 
             def pixel_index(m: str, arrays: np.ndarray = arrays, local: dict[str, int] = local) -> int:
