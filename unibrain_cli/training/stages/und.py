@@ -27,6 +27,11 @@ aligned path and the autoencoder are frozen and exported bit-identical. Generati
 understanding expert's keys and values of the context's text and ViT tokens; ``dhs`` then trains
 the whole model on its own rollouts (sixteenth session, README: T1 -> T2 PSNR unchanged to 0.02 dB).
 
+With ``data.understanding_flip_prob`` > 0 a share of the samples is its slice's left-right mirror
+(:func:`dataflow.mirror_plan`: every image flipped, "left" / "right" swapped in the text). Measured
+at 0.5 in the seventeenth session (two seeds, README): UniBrain's closed-set Top-1 -0.7 and -5.3
+points, so every shipped recipe keeps 0.
+
 After ``unified``, not before ``sa``: 150 understanding-only steps placed first were lost in the
 400 unified steps after them (fifteenth session, README).
 """
