@@ -14,6 +14,7 @@ from unibrain_cli.evaluation.tables import (
     EMPTY,
     UNAVAILABLE,
     chain_label,
+    closed_set_by_class,
     scenario_label,
     table1,
     table2,
@@ -124,6 +125,41 @@ def test_table3_ablation(tmp_path: Path) -> None:
     paths = write_tables([t, table1(_table1_frame(), n_boot=20)], tmp_path)
     assert {p.name for p in paths} == {"table3.csv", "table3.md", "table1.csv", "table1.md", "tables.md"}
     assert "Table 3. Ablation" in (tmp_path / "tables.md").read_text(encoding="utf-8")
+
+
+def test_closed_set_by_class_golden() -> None:
+    """Per-class Top-1 and predicted shares per case: a case's slices weigh one case together, cases
+    with no or two labels and rows without a prediction are left out, and order follows the arguments."""
+    rows = [  # method, scenario, case, labels, predictions of its slices
+        ("M", "t1", "a", "glioma", ["glioma"]),
+        ("M", "t1", "b", "glioma", ["metastasis"]),
+        ("M", "t1", "c", "metastasis", ["metastasis", "metastasis", "glioma", "metastasis"]),
+        ("M", "t1", "d", "glioma|wmh", ["glioma"]),  # two labels: left out
+        ("M", "t1", "e", "", ["wmh"]),  # no label: left out
+        ("M", "complete", "a", "glioma", ["glioma"]),
+        ("N", "t1", "a", "glioma", [""]),  # predicted nothing: left out
+    ]
+    frame = pd.DataFrame([
+        {"method": m, "scenario": sc, "case_id": c, "slice_id": f"{c}{k}", "diseases": lab, "pred_closed": p,
+         "top1_closed": float(p == lab) if lab and "|" not in lab else np.nan}
+        for m, sc, c, lab, preds in rows for k, p in enumerate(preds)])
+    classes = ("glioma", "metastasis", "wmh")
+    t = closed_set_by_class(frame, classes, methods=["N", "M"], scenarios=["t1", "complete"])
+    s = t.summary
+    assert list(zip(s["method"], s["scenario"])) == [("M", "t1"), ("M", "complete")]
+    r = s.iloc[0]
+    assert r["n"] == 3 and r["n_glioma"] == 2 and r["n_metastasis"] == 1 and r["n_wmh"] == 0
+    assert r["top1_glioma"] == pytest.approx(50.0) and r["top1_metastasis"] == pytest.approx(75.0)
+    assert np.isnan(r["top1_wmh"])
+    # a: glioma, b: metastasis, c: 3/4 metastasis + 1/4 glioma -> glioma 1.25 / 3, metastasis 1.75 / 3
+    assert r["pred_glioma"] == pytest.approx(100 * 1.25 / 3) and r["pred_metastasis"] == pytest.approx(100 * 1.75 / 3)
+    assert r["pred_wmh"] == 0.0
+    assert r["most_predicted"] == "metastasis" and r["most_predicted_pct"] == pytest.approx(100 * 1.75 / 3)
+    assert list(t.display.columns) == ["Method", "Scenario", "n", "glioma", "metastasis", "wmh", "Predicted (%)"]
+    assert t.display.iloc[0].tolist()[3:] == ["50.0 (2)", "75.0 (1)", "-", "42 / 58 / 0"]
+    assert t.display.iloc[1].tolist()[1:] == ["Complete Data", 1, "100.0 (1)", "-", "-", "100 / 0 / 0"]
+    with pytest.raises(ValueError, match="pred_closed"):
+        closed_set_by_class(frame.drop(columns="pred_closed"), classes)
 
 
 def test_figures(tmp_path: Path) -> None:

@@ -171,6 +171,25 @@ def test_table1_rows_columns_and_cohorts(full_run: R.EvalResult):
     assert row["rouge1"] == pytest.approx(rouge1_f(CASES[row["case_id"]][3], imp))
 
 
+def test_table1_classes_agrees_with_the_cases(full_run: R.EvalResult):
+    """The per-class table is written beside Table 1 and counts what table1_cases.csv holds."""
+    t = full_run.tables["table1_classes"]
+    assert (full_run.out / "table1_classes.csv").is_file() and t.title in (full_run.out / "tables.md").read_text()
+    cases = pd.read_csv(full_run.out / "table1_cases.csv")
+    s = t.summary.set_index(["method", "scenario"])
+    assert list(s.index) == [(m, sc) for m in (R.METHOD_UND, R.METHOD_UNIFIED)
+                             for sc in ("t1", "t1_t2", "t1_t2_flair", "complete")]
+    for (m, sc), r in s.iterrows():
+        g = cases[(cases["method"] == m) & (cases["scenario"] == sc)]
+        assert r["n"] == len(g)
+        for c in ("glioma", "stroke", "wmh"):
+            part = g[g["diseases"] == c]
+            assert r[f"n_{c}"] == len(part)
+            if len(part):
+                assert r[f"top1_{c}"] == pytest.approx(100 * part["top1_closed"].mean())
+            assert r[f"pred_{c}"] == pytest.approx(100 * (g["pred_closed"] == c).mean())
+    assert json.loads((full_run.out / "eval.json").read_text())["tables"]["table1_classes"]
+
 def test_table2_rows_and_baselines(full_run: R.EvalResult):
     t2 = full_run.tables["table2"]
     methods = [R.METHOD_UNIFIED, "UniBrain* (2 seeds)", R.METHOD_COPY, R.METHOD_UNET, R.METHOD_TWO_STAGE]

@@ -92,6 +92,8 @@ Outputs (EVAL, written to a temporary folder renamed into place at the end)::
     table1_cases.csv, table2_cases.csv   one row per method x scenario/chain x evaluated slice
                                           (case_id, slice_id; one slice per case unless --eval-slices all)
     table1.{csv,md}, table2.{csv,md}, table3.{csv,md} (ablation), tables.md
+    table1_classes.{csv,md}               closed-set Top-1 per true class and the share of each
+                                          predicted class (:func:`tables.closed_set_by_class`)
     qualitative.png, bars_top1.png, bars_psnr.png (with --chain)
     eval.json                             settings, cohort sizes, timings, table summaries, probe
     recipe.resolved.toml                  the checkpoint's recipe
@@ -1423,6 +1425,8 @@ def evaluate(
     case2 = tables.per_case_mean(frame2, ("method", "chain"))
     made: dict[str, Table] = {"table1": build_table1(case1, scen, n_boot, seed, rate_note, convention,
                                                      cnn_steps if base.cnns else None)}
+    made["table1_classes"] = tables.closed_set_by_class(
+        frame1, DISEASES, [METHOD_UND, METHOD_UNIFIED] + ([METHOD_CNN] if base.cnns else []), scen)
     if chains:
         methods2 = [METHOD_UNIFIED] + ([ensemble_name(ensemble)] if ensemble > 1 else [])
         methods2 += [m for b, m in (("copy", METHOD_COPY), ("unet", METHOD_UNET), ("two-stage", METHOD_TWO_STAGE))

@@ -326,6 +326,78 @@ def table3(
                  [head, _ci_note(n_boot, seed, alpha), *notes])
 
 
+def closed_set_by_class(
+    frame: pd.DataFrame,
+    classes: Sequence[str],
+    methods: Sequence[str] | None = None,
+    scenarios: Sequence[str] | None = None,
+) -> Table:
+    """Closed-set Top-1 per true class, and how often each class is predicted, per method x scenario.
+
+    ``frame``: one row per scored slice with ``method``, ``scenario``, ``case_id``, ``diseases``
+    ("|"-joined labels), ``top1_closed`` (0/1) and ``pred_closed`` (class name). Only cases with exactly
+    one label among ``classes`` count; the slices of a case share one unit of weight (what
+    :func:`per_case_mean` does for Table 1), so every number is per case. Rows whose method predicted
+    nothing (empty ``pred_closed``) are left out.
+
+    Summary columns: ``method``, ``scenario``, ``n`` (cases), per class ``top1_<class>`` (% of that
+    class's cases answered right; NaN without cases), ``n_<class>`` and ``pred_<class>`` (% of the
+    group's cases predicted as that class), then ``most_predicted`` and ``most_predicted_pct``. A
+    Top-1 that is mostly one class's column and a ``pred_`` share far above that class's share of the
+    cases is a model that answers one default class (what Table 1's single number hides).
+    """
+    missing = [k for k in ("method", "scenario", "case_id", "diseases", "top1_closed", "pred_closed")
+               if k not in frame.columns]
+    if missing:
+        raise ValueError(f"result frame lacks columns {missing}")
+    labels = frame["diseases"].fillna("").astype(str)
+    pred = frame["pred_closed"].fillna("").astype(str)
+    keep = (labels.isin(list(classes)) & (pred != "")).to_numpy() & np.isfinite(
+        frame["top1_closed"].to_numpy(dtype=np.float64))
+    f = frame.loc[keep, ["method", "scenario", "case_id", "top1_closed"]].assign(
+        truth=labels[keep].to_numpy(), pred=pred[keep].to_numpy())
+    f["method"], f["scenario"] = f["method"].astype(str), f["scenario"].astype(str)
+    f["w"] = 1.0 / f.groupby(["method", "scenario", "case_id"])["case_id"].transform("size").to_numpy(np.float64)
+    if methods is None:
+        methods = list(dict.fromkeys(f["method"]))
+    if scenarios is None:
+        scenarios = list(dict.fromkeys(f["scenario"]))
+    records: list[dict[str, object]] = []
+    for m in methods:
+        for sc in scenarios:
+            sel = f.loc[(f["method"] == m) & (f["scenario"] == sc)]
+            if sel.empty:
+                continue
+            n = int(sel["case_id"].nunique())
+            rec: dict[str, object] = {"method": m, "scenario": sc, "n": n}
+            for c in classes:
+                part = sel.loc[sel["truth"] == c]
+                rec[f"n_{c}"] = int(part["case_id"].nunique())
+                rec[f"top1_{c}"] = (100.0 * float((part["top1_closed"] * part["w"]).sum() / part["w"].sum())
+                                    if len(part) else np.nan)
+            shares = {c: 100.0 * float(sel.loc[sel["pred"] == c, "w"].sum()) / n for c in classes}
+            for c in classes:
+                rec[f"pred_{c}"] = shares[c]
+            top = max(classes, key=lambda c: shares[c])
+            rec["most_predicted"], rec["most_predicted_pct"] = top, shares[top]
+            records.append(rec)
+    columns = (["method", "scenario", "n"] + [f"{k}_{c}" for c in classes for k in ("top1", "n")]
+               + [f"pred_{c}" for c in classes] + ["most_predicted", "most_predicted_pct"])
+    summary = pd.DataFrame.from_records(records, columns=columns)
+    display = pd.DataFrame({
+        "Method": summary["method"],
+        "Scenario": summary["scenario"].map(scenario_label),
+        "n": summary["n"],
+        **{c: [NOT_RUN if r[f"n_{c}"] == 0 else f"{r[f'top1_{c}']:.1f} ({r[f'n_{c}']})"
+               for r in summary.to_dict("records")] for c in classes},
+        "Predicted (%)": [" / ".join(f"{r[f'pred_{c}']:.0f}" for c in classes) for r in summary.to_dict("records")],
+    })
+    notes = [f"Closed-set Top-1 (%) of the cases of each true class (their number in brackets; '{NOT_RUN}': none in "
+             f"the cohort). Predicted: the share of the cohort's cases answered as {' / '.join(classes)}. "
+             "Cases with one label only; a case's slices weigh one case together."]
+    return Table("table1_classes", "Table 1 by class. Closed-set answers per true class", summary, display, notes)
+
+
 def write_tables(tables: Sequence[Table], out_dir: str | Path) -> list[Path]:
     """Write every table's CSV and markdown, plus ``tables.md`` with all of them; return the paths."""
     paths: list[Path] = []
