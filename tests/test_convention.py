@@ -252,7 +252,8 @@ def test_cli_convention_paper_runs_and_is_recorded(ckpt, slices, tmp_path):
     assert uni.loc["te0", "scored_target"] == "t1ce" and uni.loc["te1", "scored_target"] == "adc"
     assert uni[["psnr", "ssim"]].notna().all().all() and t1.loc[t1["method"] == R.METHOD_UND, "psnr"].isna().all()
     md = (out / "tables.md").read_text()
-    assert "PSNR last target (dB)" in md and "PSNR brain" not in md and md.count("Convention: paper") == 3  # Tables 1, 1 by class, 2
+    # one convention line under each table: Table 1, Table 1 by class, Table 2
+    assert "PSNR last target (dB)" in md and "PSNR brain" not in md and md.count("Convention: paper") == 3
     # the default stays ours, recorded too
     res = CliRunner().invoke(app, ["evaluate", "--ckpt", str(ckpt), "--data", str(slices), "--scenario", "t1",
                                    "--max-cases", "1", "--thinking-tokens", "0", "--answer-tokens", "0",

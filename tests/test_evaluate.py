@@ -190,6 +190,7 @@ def test_table1_classes_agrees_with_the_cases(full_run: R.EvalResult):
             assert r[f"pred_{c}"] == pytest.approx(100 * (g["pred_closed"] == c).mean())
     assert json.loads((full_run.out / "eval.json").read_text())["tables"]["table1_classes"]
 
+
 def test_table2_rows_and_baselines(full_run: R.EvalResult):
     t2 = full_run.tables["table2"]
     methods = [R.METHOD_UNIFIED, "UniBrain* (2 seeds)", R.METHOD_COPY, R.METHOD_UNET, R.METHOD_TWO_STAGE]
