@@ -830,6 +830,26 @@ def test_dhs_aligned_slots_hold_the_generated_images(pipeline: Path, slices: Pat
     assert torch.allclose(batch.noise[gen] - v[gen], r.sampled[gen], atol=1e-4)
 
 
+def test_draft_bank_is_reused_only_for_the_same_autoencoder_and_slices(pipeline: Path, slices: Path) -> None:
+    """A second stage of the same recipe in the same process (``draft`` then ``unified``) reads the
+    bank encoded by the first; another autoencoder weight or another flip setting encodes anew."""
+    recipe = recipe_with(VAE, {"name": "unified", "steps": 1}, extra=DRAFT_SETS)
+    first, second, changed = (UnifiedStage(ctx_for(recipe, 1, slices, pipeline)) for _ in range(3))
+    first.build_model()
+    bank = first.draft_bank()[2]
+    second.build_model()
+    assert second.draft_bank()[2] is bank
+    module = changed.make_module(changed.load())
+    with torch.no_grad():
+        next(module.vae.parameters()).add_(0.05)
+    other = changed.draft_bank()[2]
+    assert other is not bank and other.shape == bank.shape and not torch.allclose(other, bank)
+    flip = UnifiedStage(ctx_for(recipe_with(VAE, {"name": "unified", "steps": 1},
+                                            extra=(*DRAFT_SETS, "data.draft_flip_prob=1.0")), 1, slices, pipeline))
+    flip.build_model()
+    assert flip.draft_bank()[2].shape[0] == 2 * bank.shape[0]
+
+
 def test_mirrored_draft_pairs_come_from_the_mirrored_slices(pipeline: Path, slices: Path) -> None:
     """With ``data.draft_flip_prob`` the bank's second half holds each slice mirrored left-right and
     encoded as such; a probability of 1 draws every pair (target and stacked context) from it; the
