@@ -90,8 +90,8 @@ logger = logging.getLogger(__name__)
 MAX_CANDIDATES = 512
 
 #: The last draft bank encoded in this process, by :func:`_bank_key`: the ``draft`` and ``unified``
-#: stages of one ``train`` run encode the same slices with the same frozen autoencoder (13 s of
-#: the demo's ``unified`` start on the Zen 3 EPYC); one entry, so at most one bank stays in memory.
+#: stages of one ``train`` run encode the same slices with the same frozen autoencoder (16.8 s of
+#: the demo's ``unified`` start on the Zen 3 EPYC, README); one entry, so at most one bank stays in memory.
 _BANK_CACHE: dict[str, tuple[list[int], list[tuple[str, ...]], Tensor]] = {}
 
 
