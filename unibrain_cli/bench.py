@@ -282,6 +282,44 @@ def flow_signal_small() -> dict[str, Any]:
             "note": "random plans of one 4-modality record, fresh models; 'before' = small.toml of 2026-11-29"}
 
 
+@bench("draft_step")
+def draft_step() -> dict[str, Any]:
+    """The `small` draft network (aligned.AlignedDraft, width 192, latent resolution): forward + backward
+    + AdamW on 64 pairs, its fine-grid convolutions contiguous vs channels-last, side by side."""
+    import torch
+
+    from unibrain_cli.config import load_recipe
+    from unibrain_cli.model import aligned
+
+    recipe = load_recipe("small")
+    m = recipe.model
+    patch, z = m.latent_patch_size, m.vae.z_channels
+    side = m.vae.resolution // 2 ** (len(m.vae.ch_mult) - 1) // patch
+    g = torch.Generator().manual_seed(0)
+    draft = aligned.AlignedDraft(6, z * patch * patch, m.aligned_draft, m.aligned_draft_resolution, patch)
+    opt = torch.optim.AdamW(draft.parameters(), lr=1e-3)
+    stack = torch.randn(64, side * side, 6 * (z * patch * patch + 1), generator=g)
+    slots = torch.randint(0, 6, (64,), generator=g)
+
+    def step() -> None:
+        opt.zero_grad()
+        draft(stack, (side, side), slots).pow(2).mean().backward()
+        opt.step()
+
+    out: dict[str, Any] = {}
+    saved = aligned.DRAFT_MEMORY_FORMAT
+    try:
+        for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            aligned.DRAFT_MEMORY_FORMAT = fmt
+            step()
+            out[f"{name}_step_s"] = round(_best_of(lambda: [step() for _ in range(10)], repeats=5) / 10, 4)
+    finally:
+        aligned.DRAFT_MEMORY_FORMAT = saved
+    out["speedup"] = round(out["contiguous_step_s"] / out["channels_last_step_s"], 2)
+    out["shipped"] = "channels_last" if saved == torch.channels_last else "contiguous"
+    return out
+
+
 @bench("synth_prepare")
 def synth_prepare() -> dict[str, Any]:
     """Phantom generation (20 cases at 2 mm) and `prepare` throughput (cases/s, 2 workers), to the
