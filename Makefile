@@ -13,9 +13,9 @@ export OMP_NUM_THREADS ?= 2
 .PHONY: setup test demo lint bench experiments clean gpu-check
 SLICES ?= $(DEMO_DIR)/slices
 EXP_DIR ?= experiments
-# U-Net baseline steps per chain: the three chain U-Nets together fit in 187 s on the 2-core Xeon
-# of 2026-11-30 (nothing else running), less than the demo's unified stage (325 s then, 514 s now),
-# and still beat UniBrain, by 0-2.4 dB PSNR since the fifteenth session (7-11 dB then; README)
+# U-Net baseline steps per chain: the three chain U-Nets together train in 154 s on the 2-core Zen 5
+# EPYC (seventeenth session), less than the demo's unified stage there (about 230 s since the
+# twentieth session), and still beat UniBrain, by 0.3-2.8 dB PSNR (7-11 dB before the fifteenth; README)
 UNET_STEPS ?= 500
 
 setup: $(STAMP)
