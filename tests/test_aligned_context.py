@@ -407,6 +407,27 @@ def test_a_latent_resolution_draft_is_convolutions_on_the_unpatchified_latents()
             torch.testing.assert_close(got[i], want)
 
 
+def test_the_draft_computes_the_same_in_either_memory_format(monkeypatch):
+    """Channels-last fine-grid convolutions (aligned.DRAFT_MEMORY_FORMAT, for speed) change the layout,
+    not the function: outputs and every weight gradient match the contiguous run."""
+    from unibrain_cli.model import aligned
+
+    s, d, p, width, grid = len(MODALITIES), D, 2, 16, (4, 4)
+    g = torch.Generator().manual_seed(3)
+    stack = torch.randn(5, 16, s * (d + 1), generator=g)
+    slots = torch.tensor([T2, -1, 0, 3, T2])
+    runs = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        monkeypatch.setattr(aligned, "DRAFT_MEMORY_FORMAT", fmt)
+        net = aligned.AlignedDraft(s, d, width, "latent", patch=p)
+        out = net(stack, grid, slots)
+        out.pow(2).sum().backward()
+        runs.append((out.detach(), [c.weight.grad.clone() for c in net.convs]))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_the_draft_resolution_is_part_of_the_layout_and_validated():
     from unibrain_cli.config.validate import validate_model_config
 
