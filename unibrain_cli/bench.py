@@ -290,16 +290,17 @@ def draft_step() -> dict[str, Any]:
 
     from unibrain_cli.config import load_recipe
     from unibrain_cli.model import aligned
+    from unibrain_cli.model.checkpoint import build_model
 
     recipe = load_recipe("small")
     m = recipe.model
-    patch, z = m.latent_patch_size, m.vae.z_channels
-    side = m.vae.resolution // 2 ** (len(m.vae.ch_mult) - 1) // patch
+    draft = build_model(m).aligned_context.draft  # the demo model's own draft network
+    side = recipe.data.image_size // (2 ** (len(m.vae.ch_mult) - 1) * m.latent_patch_size)  # token grid
+    s, d = draft.num_slots, draft.latent_dim
     g = torch.Generator().manual_seed(0)
-    draft = aligned.AlignedDraft(6, z * patch * patch, m.aligned_draft, m.aligned_draft_resolution, patch)
     opt = torch.optim.AdamW(draft.parameters(), lr=1e-3)
-    stack = torch.randn(64, side * side, 6 * (z * patch * patch + 1), generator=g)
-    slots = torch.randint(0, 6, (64,), generator=g)
+    stack = torch.randn(64, side * side, s * (d + 1), generator=g)
+    slots = torch.randint(0, s, (64,), generator=g)
 
     def step() -> None:
         opt.zero_grad()
