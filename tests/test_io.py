@@ -115,6 +115,73 @@ def test_resample_to_own_grid_is_identity_and_spacing_keeps_extent():
     assert fine.spacing == pytest.approx((1.0, 1.0, 1.0))
 
 
+@pytest.mark.parametrize("spacing,shape,target", [
+    ((2.0, 2.0, 2.0), (13, 11, 9), (1.0, 1.0, 1.0)),  # the demo's 2-mm phantom to 1 mm
+    ((1.0, 1.0, 1.0), (14, 12, 10), (2.0, 2.0, 2.0)),  # downsampling
+    ((0.9, 1.1, 3.0), (17, 12, 7), (1.0, 1.0, 1.0)),  # anisotropic, sizes rounded (output ends early)
+])
+def test_resampling_by_torch_matches_simpleitk_on_aligned_grids(spacing, shape, target):
+    """The torch path of resample_to (per-axis scale, aligned voxel corners) gives SimpleITK's
+    linear interpolation, edges included, and is taken for exactly these grids."""
+    from unibrain_cli.io.volume import _axis_aligned_scales, _resample_sitk
+
+    rng = np.random.default_rng(3)
+    aff = np.diag([*spacing, 1.0])
+    aff[:3, 3] = [-40.0, 12.5, 3.0]
+    vol = Volume(rng.random(shape, dtype=np.float32) * 100, aff)
+    fine = resample_spacing(vol, target)
+    assert _axis_aligned_scales(vol.affine, vol.shape, fine.shape, fine.affine) is not None
+    ref = _resample_sitk(vol, fine.shape, fine.affine)
+    assert fine.array.dtype == np.float32 and fine.shape == ref.shape
+    np.testing.assert_allclose(fine.array, ref.array, rtol=0, atol=1e-4)  # float32 rounding of values ~100
+    # a sibling modality on the same source grid goes the same way onto the new grid
+    other = resample_to(vol.with_array(vol.array[::-1].copy()), fine.shape, fine.affine)
+    np.testing.assert_allclose(other.array, _resample_sitk(vol.with_array(vol.array[::-1].copy()), fine.shape,
+                                                           fine.affine).array, rtol=0, atol=1e-4)
+
+
+def test_resampling_falls_back_to_simpleitk_off_the_aligned_grids():
+    from unibrain_cli.io.volume import _axis_aligned_scales
+
+    rng = np.random.default_rng(4)
+    vol = Volume(rng.random((10, 9, 8), dtype=np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    fine = resample_spacing(vol, (1.0, 1.0, 1.0))
+    shifted = fine.affine.copy()
+    shifted[:3, 3] += 0.3  # not corner-aligned
+    rot = np.eye(4)
+    rot[:2, :2] = [[0.0, -1.0], [1.0, 0.0]]
+    for shape, aff in [(fine.shape, shifted), (fine.shape, rot @ fine.affine),
+                       ((fine.shape[0] + 3, *fine.shape[1:]), fine.affine)]:  # reaches outside: background
+        assert _axis_aligned_scales(vol.affine, vol.shape, shape, aff) is None
+    out = resample_to(vol, (fine.shape[0] + 3, *fine.shape[1:]), fine.affine)
+    assert np.all(out.array[-2:] == 0) and out.array[:-3].any()
+    assert _axis_aligned_scales(vol.affine, vol.shape, (5, 5, 5), vol.affine) == [1.0, 1.0, 1.0]
+    labels = Volume(rng.integers(0, 4, (10, 9, 8)).astype(np.int16), vol.affine, "label")
+    assert resample_to(labels, fine.shape, fine.affine).array.dtype == np.int16  # nearest neighbour, by ITK
+
+
+@pytest.mark.parametrize("kind", ["intensity", "label"])
+def test_save_volume_streams_what_nibabel_writes(tmp_path, kind):
+    """save_volume compresses nibabel's own serialisation as it is written: the file inflates to
+    exactly ``Nifti1Image.to_bytes()`` (header, extension flag, data in Fortran order)."""
+    rng = np.random.default_rng(5)
+    arr = rng.random((9, 8, 7), dtype=np.float32)
+    if kind == "label":
+        arr = (arr * 5).astype(np.int16)
+    aff = np.diag([1.0, 1.2, 2.0, 1.0])
+    aff[:3, 3] = [3.0, -4.0, 5.0]
+    for order in ("C", "F"):
+        vol = Volume(np.asarray(arr, order=order), aff, kind)  # type: ignore[arg-type]
+        path = tmp_path / f"v{order}.nii.gz"
+        save_volume(vol, path, description="unibrain test")
+        img = nib.Nifti1Image(vol.array, aff)
+        img.set_qform(aff, code=1)
+        img.set_sform(aff, code=1)
+        img.header["descrip"] = b"unibrain test"
+        assert gzip.decompress(path.read_bytes()) == img.to_bytes()
+        np.testing.assert_array_equal(load_volume(path, kind=kind).array, vol.array)  # type: ignore[arg-type]
+
+
 def test_extents_overlap():
     a = _vol(np.eye(4))
     far = np.eye(4)

@@ -271,6 +271,14 @@ def test_normalise_intensity_percentiles():
     inside = arr[brain]
     mid = (inside > lo) & (inside < hi)
     np.testing.assert_allclose(out[brain][mid], (inside[mid] - lo) / (hi - lo), rtol=1e-5)
+    # bit for bit the float32 clip / shift / scale of the brain voxels alone, also where the
+    # background is nonzero or the window starts below 0 (then 0 does not map to 0), +0.0 outside
+    shifted = np.asfortranarray(arr - 300.0)
+    out, lo, hi = normalise_intensity(shifted, brain)
+    lo32, hi32 = np.float32(lo), np.float32(hi)
+    want = np.zeros_like(shifted)
+    want[brain] = (np.clip(shifted[brain], lo32, hi32) - lo32) / (hi32 - lo32)
+    assert lo < 0 and out.tobytes() == want.tobytes()
     with pytest.raises(ValueError, match="constant"):
         normalise_intensity(np.ones_like(arr), brain)
 
