@@ -289,8 +289,9 @@ def resample_to(vol: Volume, shape: tuple[int, int, int], affine: np.ndarray, de
     passed to SimpleITK as size/origin/spacing/direction (no reference image is allocated).
     An intensity volume whose grid maps onto the output grid by a per-axis scale with aligned
     voxel corners (a change of spacing; :func:`_axis_aligned_scales`) is interpolated by torch
-    instead: the same values to float32 rounding (test_io), 4x faster on one core (`make bench`,
-    ``resample``), which is most of ``prepare``'s time on 2-mm input.
+    instead, in float64 like ITK: the same float32 values but for rare 1-ulp roundings (test_io),
+    1.4x faster on one core (`make bench`, ``resample``) and without ITK's thread pool, which
+    oversubscribed ``prepare``'s workers (the demo's ``prepare`` 1.5x faster; README).
     """
     label = vol.kind == "label"
     src_array = vol.array if label else vol.array.astype(np.float32, copy=False)
