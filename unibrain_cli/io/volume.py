@@ -291,7 +291,7 @@ def resample_to(vol: Volume, shape: tuple[int, int, int], affine: np.ndarray, de
     voxel corners (a change of spacing; :func:`_axis_aligned_scales`) is interpolated by torch
     instead, in float64 like ITK: the same float32 values but for rare 1-ulp roundings (test_io),
     1.4x faster on one core (`make bench`, ``resample``) and without ITK's thread pool, which
-    oversubscribed ``prepare``'s workers (the demo's ``prepare`` 1.5x faster; README).
+    oversubscribed ``prepare``'s workers (the demo's ``prepare`` 1.3-1.5x faster; README).
     """
     label = vol.kind == "label"
     src_array = vol.array if label else vol.array.astype(np.float32, copy=False)
