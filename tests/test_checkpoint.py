@@ -143,6 +143,19 @@ def test_save_and_load_pretrained_round_trip(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.model.latent_pos_embed.pos_embed, m.latent_pos_embed.pos_embed)
 
 
+def test_vit_stem_round_trip(tmp_path: Path) -> None:
+    """A model with the ViT's convolutional stem saves its widths in config.json and loads to the same outputs."""
+    cfg = replace(CFG, vit=replace(CFG.vit, stem_widths=(6, 10)))
+    m = _randomised(cfg)
+    out = save_pretrained(m, tmp_path / "stem")
+    assert json.loads((out / "config.json").read_text())["model"]["vit"]["stem_widths"] == [6, 10]
+    loaded = from_pretrained(out)
+    assert loaded.config == cfg
+    for a, b in zip(_outputs(m), _outputs(loaded.model), strict=True):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(_outputs(m)[0], _outputs(_randomised())[0])  # the stem is in the path
+
+
 def test_tied_embeddings_round_trip(tmp_path: Path) -> None:
     cfg = replace(CFG, llm=replace(CFG.llm, tie_word_embeddings=True))
     m = _randomised(cfg)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from unibrain_cli.config.components import ViTConfig
-from unibrain_cli.model.vit import SiglipVisionModel, patchify
+from unibrain_cli.config.components import ModelConfig, ViTConfig
+from unibrain_cli.config.validate import validate_model_config
+from unibrain_cli.model.vit import PatchStem, SiglipVisionModel, patchify
 
 CFG = ViTConfig(patch_size=4, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                 max_patches_per_side=6)
@@ -43,8 +44,10 @@ def test_patchify_rejects_oversized_grid() -> None:
         patchify(torch.zeros(3, 28, 4), 4, max_per_side=6)
 
 
-def test_packed_forward_equals_each_image_alone() -> None:
-    model = _model()
+@pytest.mark.parametrize("stem", [(), (5, 7)])
+def test_packed_forward_equals_each_image_alone(stem: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = SiglipVisionModel(replace(CFG, stem_widths=stem)).eval()
     torch.manual_seed(1)
     images = [torch.randn(3, 8, 12), torch.randn(3, 16, 4), torch.randn(3, 24, 24)]
     parts = [patchify(im, CFG.patch_size, CFG.max_patches_per_side) for im in images]
@@ -105,3 +108,58 @@ def test_bagel_vit_keys_and_shapes() -> None:
         model = SiglipVisionModel(cfg)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert ours == rows
+
+
+STEM = replace(CFG, stem_widths=(5, 7))
+
+
+def test_stem_is_a_per_patch_conv_stack_in_patchify_order() -> None:
+    """The stem equals its convolutions run on each patch cut out of the image, features leaving
+    ordered (row, col, channel); a patch's features depend on that patch only."""
+    torch.manual_seed(0)
+    stem = PatchStem(4, 3, (5, 7)).eval()
+    image = torch.randn(3, 8, 12)
+    patches, _ = patchify(image, 4, max_per_side=6)
+    out = stem(patches)
+    assert out.shape == (6, 1 * 1 * 7) and stem.out_features == 7
+    for k, (r, c) in enumerate((r, c) for r in range(2) for c in range(3)):
+        crop = image[None, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4]
+        torch.testing.assert_close(out[k], stem.layers(crop)[0].permute(1, 2, 0).reshape(-1))
+    changed = patches.clone()
+    changed[1] += 1.0
+    moved = (stem(changed) - out).abs().amax(dim=1)
+    assert moved[1] > 0 and torch.equal(moved[[0, 2, 3, 4, 5]], torch.zeros(5))
+
+
+def test_no_stem_keeps_siglip_keys_and_init() -> None:
+    """Without ``stem_widths`` the module tree and its seeded init are SigLIP's as before; with one,
+    ``embeddings.stem`` is added and the projection reads its features."""
+    torch.manual_seed(3)
+    plain = SiglipVisionModel(CFG).state_dict()
+    torch.manual_seed(3)
+    stemmed = SiglipVisionModel(STEM).state_dict()
+    assert not any(".stem." in k for k in plain)
+    assert plain["embeddings.patch_embedding.weight"].shape == (32, 4 * 4 * 3)
+    assert stemmed["embeddings.patch_embedding.weight"].shape == (32, 7)
+    assert set(stemmed) - set(plain) == {f"embeddings.stem.layers.{i}.{w}" for i in (0, 1, 3, 4) for w in ("weight", "bias")}
+    torch.manual_seed(3)  # SigLIP's two embedding tensors first, drawn as before the stem existed
+    linear, table = nn.Linear(4 * 4 * 3, 32), nn.Embedding(36, 32)
+    assert torch.equal(plain["embeddings.patch_embedding.weight"], linear.weight)
+    assert torch.equal(plain["embeddings.position_embedding.weight"], table.weight)
+
+
+def test_stem_gets_gradients() -> None:
+    torch.manual_seed(0)
+    model = SiglipVisionModel(STEM)
+    x, pos = patchify(torch.randn(3, 8, 8), 4, 6)
+    model(x, pos, torch.tensor([0, x.shape[0]], dtype=torch.int32)).square().sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if ".stem." in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize(("patch", "widths", "match"), [(4, (8, 8, 8), "multiple of 2 \\*\\* len"), (4, (0,), "positive")])
+def test_stem_config_is_validated(patch: int, widths: tuple[int, ...], match: str) -> None:
+    cfg = ModelConfig()
+    cfg = replace(cfg, vit=replace(cfg.vit, patch_size=patch, stem_widths=widths))
+    with pytest.raises(ValueError, match=match):
+        validate_model_config(cfg, prefix="model.")

@@ -90,6 +90,11 @@ class ViTConfig:
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
     max_patches_per_side: int = 16  # learned position table side (SigLIP-so400m: 70)
+    # Channels of a patch-local convolutional stem before ``patch_embedding`` (model/vit.py,
+    # :class:`PatchStem`): empty = SigLIP's linear patch embedding exactly (BAGEL); each entry one
+    # 3x3 stride-2 conv -> GroupNorm -> GELU inside every patch, so ``patch_size`` must be a
+    # multiple of ``2 ** len(stem_widths)``.
+    stem_widths: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,11 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "") -> None:
         raise ValueError(f"{p}llm.hidden_size={cfg.llm.hidden_size} must be divisible by 4 (2D sin-cos tables)")
     if cfg.vit.num_heads <= 0 or cfg.vit.hidden_size % cfg.vit.num_heads:
         raise ValueError(f"{p}vit.num_heads={cfg.vit.num_heads} does not divide {p}vit.hidden_size={cfg.vit.hidden_size}")
+    if any(w <= 0 for w in cfg.vit.stem_widths):
+        raise ValueError(f"{p}vit.stem_widths={list(cfg.vit.stem_widths)} must all be positive")
+    if cfg.vit.patch_size % 2 ** len(cfg.vit.stem_widths):
+        raise ValueError(f"{p}vit.patch_size={cfg.vit.patch_size} must be a multiple of 2 ** len({p}vit.stem_widths) = "
+                         f"{2 ** len(cfg.vit.stem_widths)} (one stride-2 convolution per stem entry)")
     if cfg.vit.max_patches_per_side != cfg.vit_max_num_patch_per_side:
         raise ValueError(
             f"{p}vit_max_num_patch_per_side={cfg.vit_max_num_patch_per_side} must equal "
