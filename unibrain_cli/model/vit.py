@@ -81,7 +81,12 @@ class PatchStem(nn.Module):
                        nn.GELU(approximate="tanh")]
             cin = w
         self.layers = nn.Sequential(*layers)
-        self.out_features = (patch // 2 ** len(widths)) ** 2 * cin
+        self.out_features = self.features(patch, channels, widths)
+
+    @staticmethod
+    def features(patch: int, channels: int, widths: tuple[int, ...]) -> int:
+        """Features per patch that leave the stem (``p*p*C``, the pixels, without one)."""
+        return (patch // 2 ** len(widths)) ** 2 * (widths[-1] if widths else channels)
 
     def forward(self, patches: Tensor) -> Tensor:
         n = patches.shape[0]
@@ -96,9 +101,7 @@ class SiglipVisionEmbeddings(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         # built after the two SigLIP tensors, so a model without a stem draws the same init as before
-        in_features = cfg.patch_size**2 * cfg.num_channels
-        if cfg.stem_widths:
-            in_features = (cfg.patch_size // 2 ** len(cfg.stem_widths)) ** 2 * cfg.stem_widths[-1]
+        in_features = PatchStem.features(cfg.patch_size, cfg.num_channels, cfg.stem_widths)
         self.patch_embedding = nn.Linear(in_features, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.max_patches_per_side**2, cfg.hidden_size)
         self.stem = PatchStem(cfg.patch_size, cfg.num_channels, cfg.stem_widths) if cfg.stem_widths else None
