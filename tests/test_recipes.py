@@ -108,8 +108,14 @@ def test_inconsistent_model_shapes_name_the_field():
         load_recipe("tiny", ["model.llm.num_kv_heads=3"])
     with pytest.raises(RecipeError, match="model.max_latent_size"):
         load_recipe("tiny", ["data.image_size=256"])
-    with pytest.raises(RecipeError, match="data.canonical_order_prob"):
-        load_recipe("tiny", ["data.canonical_order_prob=1.5"])
+    for name in ("canonical_order_prob", "understanding_flip_prob", "draft_flip_prob"):
+        with pytest.raises(RecipeError, match=rf"'data\.{name}' must be a probability in \[0, 1\], got -0\.5"):
+            load_recipe("tiny", [f"data.{name}=-0.5"])
+    for item, message in (("understanding_rotate_deg=90", "below 90, got 90"),
+                          ("understanding_shift_px=-1", "below 16, got -1"),
+                          ("understanding_scale=0.5", "below 0.5, got 0.5")):
+        with pytest.raises(RecipeError, match=rf"'data\.{item.split('=')[0]}' must be >= 0 and {message}"):
+            load_recipe("small", [f"data.{item}"])
 
 
 def test_defaults_are_frozen():

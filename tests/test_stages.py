@@ -29,6 +29,7 @@ from unibrain_cli.training.materialize import (
     batched_patches,
     fill_pack,
     plan_items,
+    similarity_transform,
     unpatch,
 )
 from unibrain_cli.training.model_init import bpe_tokenizer
@@ -365,6 +366,50 @@ def test_und_mirrors_whole_samples_with_understanding_flip_prob(pipeline: Path, 
     _, stack = flipped.materialize(pack)[:2]
     _, plain_stack = base.materialize([(i, replace(p, meta={})) for i, p in pack])[:2]
     torch.testing.assert_close(stack, plain_stack.flip(-1), rtol=0, atol=0)
+
+
+def test_und_transforms_whole_samples_with_understanding_affine(pipeline: Path, slices: Path, tmp_path: Path) -> None:
+    """``data.understanding_rotate_deg`` / ``_shift_px`` / ``_scale``: every ``und`` sample carries one
+    similarity transform within the bounds, applied to all of its images alike; the text is unchanged."""
+    und = {"name": "und", "steps": 1}
+    run = copy_vae_run(pipeline, tmp_path / "RUN")
+    base = UndStage(ctx_for(recipe_with(VAE, und), 1, slices, run))
+    moved = UndStage(ctx_for(recipe_with(VAE, und, extra=(
+        "data.understanding_rotate_deg=20", "data.understanding_shift_px=3", "data.understanding_scale=0.2")),
+        1, slices, run))
+    pack = moved.draw_pack(np.random.default_rng(5))
+    assert pack
+    for i, plan in pack:
+        angle, dy, dx, scale = plan.meta["affine"]
+        assert abs(angle) <= 20 and abs(dy) <= 3 and abs(dx) <= 3 and 1 / 1.2 <= scale <= 1.2
+        plain = replace(plan, meta={k: v for k, v in plan.meta.items() if k != "affine"})
+        samples, stack = moved.materialize([(i, plan)])[:2]
+        plain_samples, plain_stack = base.materialize([(i, plain)])[:2]
+        assert samples == plain_samples
+        torch.testing.assert_close(stack, similarity_transform(plain_stack, angle, (dy, dx), scale), rtol=0, atol=0)
+        assert not torch.equal(stack, plain_stack)
+    # no knob set: no "affine" entry
+    assert all("affine" not in p.meta for _, p in base.draw_pack(np.random.default_rng(5)))
+
+
+def test_similarity_transform_golden_cases() -> None:
+    """90 degrees is numpy's counter-clockwise rot90 of the displayed slice, an integer shift moves
+    the pixels with zeros coming in, scale 2 about the centre repeats the middle pixels, all channels
+    alike, and the identity returns its input."""
+    x = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(similarity_transform(x, 90.0, (0.0, 0.0), 1.0), torch.rot90(x, 1, (-2, -1)),
+                               rtol=0, atol=1e-5)
+    shifted = torch.zeros_like(x)
+    shifted[:, 2:, :7] = x[:, :6, 1:]
+    torch.testing.assert_close(similarity_transform(x, 0.0, (2.0, -1.0), 1.0), shifted, rtol=0, atol=1e-5)
+    # bilinear interpolation is exact on a ramp: scale 2 about the centre (3.5) halves its slope there
+    ramp = torch.arange(8.0).expand(8, 8)
+    zoom = similarity_transform(ramp, 0.0, (0.0, 0.0), 2.0)
+    torch.testing.assert_close(zoom[2:6, 1:7], ((torch.arange(1.0, 7.0) - 3.5) / 2 + 3.5).expand(4, 6),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(similarity_transform(x[1], 30.0, (1.5, -0.5), 1.1),
+                               similarity_transform(x, 30.0, (1.5, -0.5), 1.1)[1], rtol=0, atol=1e-6)
+    assert similarity_transform(x, 0.0, (0.0, 0.0), 1.0) is x
 
 
 def test_und_is_listed_between_unified_and_dhs() -> None:

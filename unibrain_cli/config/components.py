@@ -59,6 +59,13 @@ class DataConfig:
     # it, and "left" / "right" swapped in its text: :func:`unibrain_cli.data.dataflow.mirror_plan`);
     # 0 = no mirroring, no extra random draw
     understanding_flip_prob: float = 0.0
+    # `und` stage: a random similarity transform of every understanding sample (all its images alike,
+    # bilinear, zero outside the slice): rotation uniform in +-understanding_rotate_deg degrees, shift
+    # uniform in +-understanding_shift_px pixels per axis, scale exp(uniform +-log(1 + understanding_scale)).
+    # All 0 = the stored slices, no extra random draw
+    understanding_rotate_deg: float = 0.0
+    understanding_shift_px: float = 0.0
+    understanding_scale: float = 0.0
 
 
 @dataclass(frozen=True)

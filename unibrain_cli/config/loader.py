@@ -247,20 +247,22 @@ def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> None:
         raise RecipeError(f"'data.flow_draws' must be at least 1, got {recipe.data.flow_draws}", source)
     if recipe.data.draft_pairs < 0:
         raise RecipeError(f"'data.draft_pairs' must be >= 0, got {recipe.data.draft_pairs}", source)
-    if not 0.0 <= recipe.data.draft_flip_prob <= 1.0:
-        raise RecipeError(f"'data.draft_flip_prob' must be in [0, 1], got {recipe.data.draft_flip_prob}", source)
-    if not 0.0 <= recipe.data.understanding_flip_prob <= 1.0:
-        raise RecipeError("'data.understanding_flip_prob' must be in [0, 1], got "
-                          f"{recipe.data.understanding_flip_prob}", source)
+    for name in ("draft_flip_prob", "understanding_flip_prob", "canonical_order_prob"):
+        value = getattr(recipe.data, name)
+        if not 0.0 <= value <= 1.0:
+            raise RecipeError(f"'data.{name}' must be a probability in [0, 1], got {value}", source)
+    limits = {"understanding_rotate_deg": 90.0, "understanding_shift_px": recipe.data.image_size / 4,
+              "understanding_scale": 0.5}
+    for name, limit in limits.items():
+        value = getattr(recipe.data, name)
+        if not 0.0 <= value < limit:
+            raise RecipeError(f"'data.{name}' must be >= 0 and below {limit:g}, got {value}", source)
     if recipe.data.draft_views not in DRAFT_VIEWS:
         raise RecipeError(f"'data.draft_views' must be one of {sorted(DRAFT_VIEWS)}, got {recipe.data.draft_views}",
                           source)
     if recipe.model.aligned_draft and not recipe.data.draft_pairs:
         raise RecipeError("'model.aligned_draft' needs 'data.draft_pairs' > 0: the draft network is trained only "
                           "on those pairs", source)
-    if not 0.0 <= recipe.data.canonical_order_prob <= 1.0:
-        raise RecipeError("'data.canonical_order_prob' must be a probability in [0, 1], "
-                          f"got {recipe.data.canonical_order_prob}", source)
 
 
 def save_resolved(recipe: Recipe, out_dir: str | Path, name: str = "recipe.resolved.toml") -> Path:

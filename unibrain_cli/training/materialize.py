@@ -585,3 +585,23 @@ def pack_losses(logits: Tensor | None, labels: Tensor, velocity: Tensor | None, 
             else velocity.float().sum() * 0.0)
     sa = flow_loss(velocity, target, weight=row_sa, num_tokens=norm.get("sa")) if n_sa else velocity.float().sum() * 0.0
     return LossTerms(ntp, flow, sa, n_ce, n_gen, n_sa)
+
+
+def similarity_transform(images: Tensor, angle_deg: float, shift_px: tuple[float, float], scale: float) -> Tensor:
+    """``images`` [..., S, S] rotated by ``angle_deg`` (counter-clockwise in the displayed (row, col)
+    plane) about the slice centre, scaled by ``scale`` and shifted by ``shift_px`` = (rows, cols)
+    pixels: every image alike (the modalities of one slice stay aligned), bilinear, zero outside the
+    slice (the stored slices' background). The identity (0, (0, 0), 1) returns ``images`` unchanged.
+    """
+    if angle_deg == 0.0 and shift_px == (0.0, 0.0) and scale == 1.0:
+        return images
+    *lead, h, w = images.shape
+    a = torch.deg2rad(torch.tensor(angle_deg, dtype=torch.float64))
+    # output (x, y) = (col, row) in affine_grid's normalised units -> input coordinates
+    inv = torch.stack([torch.stack([torch.cos(a), -torch.sin(a)]), torch.stack([torch.sin(a), torch.cos(a)])]) / scale
+    shift = torch.tensor([2.0 * shift_px[1] / w, 2.0 * shift_px[0] / h], dtype=torch.float64)
+    theta = torch.cat([inv, (-inv @ shift)[:, None]], dim=1).to(torch.float32)[None]
+    flat = images.reshape(1, -1, h, w).to(torch.float32)
+    grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
+    out = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.reshape(*lead, h, w).to(images.dtype)

@@ -79,6 +79,7 @@ from unibrain_cli.training.materialize import (
     latent_tokens,
     pack_losses,
     plan_items,
+    similarity_transform,
     vit_tokens,
 )
 from unibrain_cli.training.model_init import ModelBundle, check_sources, load_bundle, load_tokenizer
@@ -325,6 +326,9 @@ class ModelStage(StageTask):
             arrays = ds.arrays(rec)["images"]
             if plan.meta.get("mirrored"):  # dataflow.mirror_plan: the slice's left-right mirror
                 arrays = np.ascontiguousarray(arrays[..., ::-1])
+            if plan.meta.get("affine"):  # und.UndStage.draw_plan: a random similarity transform
+                angle, dy, dx, scale = plan.meta["affine"]
+                arrays = similarity_transform(torch.from_numpy(np.asarray(arrays)), angle, (dy, dx), scale).numpy()
             local: dict[str, int] = {}
 
             def pixel_index(m: str, arrays: np.ndarray = arrays, local: dict[str, int] = local) -> int:
