@@ -394,8 +394,8 @@ def test_und_transforms_whole_samples_with_understanding_affine(pipeline: Path, 
 
 def test_similarity_transform_golden_cases() -> None:
     """90 degrees is numpy's counter-clockwise rot90 of the displayed slice, an integer shift moves
-    the pixels with zeros coming in, scale 2 about the centre repeats the middle pixels, all channels
-    alike, and the identity returns its input."""
+    the pixels with zeros coming in, a zoom by 2 about the centre halves a ramp's slope, every channel
+    gets the same transform, and the identity returns its input."""
     x = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(similarity_transform(x, 90.0, (0.0, 0.0), 1.0), torch.rot90(x, 1, (-2, -1)),
                                rtol=0, atol=1e-5)
