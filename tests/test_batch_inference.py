@@ -40,6 +40,7 @@ def bundle(tmp_path_factory):
     ckpt = make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "model")
     b = load_for_inference(ckpt)
     b.model.set_aligned_context("on")  # exercise the per-row aligned context too
+    b.model.set_fused_view("on")  # and the fused view before every question
     with torch.no_grad():
         torch.nn.init.normal_(b.model.aligned_context.weight, std=0.05, generator=torch.Generator().manual_seed(1))
     return b

@@ -159,6 +159,11 @@ class ModelConfig:
     # noisy tokens embed x_t - (1 - t) draft and the velocity head's output minus the draft is the
     # velocity, so samplers, guidance and dhs see the usual x-space flow (model/bagel.py)
     draft_residual: bool = False
+    # "off": BAGEL exactly. "on": before the first question of a sample one more ViT image, the
+    # fused view: patch (r, c) stacks patch (r, c) of the sample's earlier ViT views in fixed
+    # per-modality slots with presence bits (model/fused.py). The understanding side's
+    # counterpart of aligned_context.
+    fused_view: Literal["off", "on"] = "off"
     attention_backend: AttentionBackend = "auto"
     tokenizer: Literal["bpe", "qwen2"] = "bpe"
     tokenizer_path: str = ""  # qwen2: local folder with tokenizer files

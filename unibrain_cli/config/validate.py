@@ -61,6 +61,8 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "") -> None:
         raise ValueError(f"{p}timestep_freq_dim={cfg.timestep_freq_dim} must be a positive even number")
     if cfg.image_rope not in ("1d", "2d"):
         raise ValueError(f"{p}image_rope={cfg.image_rope!r} must be '1d' (BAGEL) or '2d'")
+    if cfg.fused_view not in ("off", "on"):
+        raise ValueError(f"{p}fused_view={cfg.fused_view!r} must be 'off' (BAGEL) or 'on'")
     if cfg.aligned_context not in ("off", "on"):
         raise ValueError(f"{p}aligned_context={cfg.aligned_context!r} must be 'off' (BAGEL) or 'on'")
     if cfg.aligned_window < 1 or cfg.aligned_window % 2 == 0:

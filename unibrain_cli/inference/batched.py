@@ -40,6 +40,7 @@ from unibrain_cli.inference.engine import (
     thinking_prompt,
 )
 from unibrain_cli.model.batch_cache import BatchKVCache, BatchStep
+from unibrain_cli.model.fused import needs_fused
 from unibrain_cli.model.packing import PackedSequence
 
 
@@ -101,6 +102,15 @@ def append_images(engine: Engine, cache: BatchKVCache | None, rows: Sequence[int
         return
     per_row = [[(img, tuple(views)) for img in imgs] for imgs in images]
     engine.model.forward_batch(_build(engine, per_row), cache, rows, update=True, logits_at="none")
+
+
+def append_fused(engine: Engine, cache: BatchKVCache | None, rows: Sequence[int]) -> None:
+    """:meth:`Engine.add_fused_view` for every row of ``rows`` that needs one (``model.fused_view``)."""
+    if cache is None or engine.model.fused_view is None:
+        return
+    need = [int(r) for r in rows if needs_fused(cache.views[int(r)])]
+    if need:
+        append_images(engine, cache, need, [[engine.fused_image(cache.views[r])] for r in need], ("vit",))
 
 
 @torch.no_grad()
@@ -278,7 +288,9 @@ def score_batch(engine: Engine, cache: BatchKVCache, rows: Sequence[int], prompt
 
 def diagnosis_scores_batch(engine: Engine, cache: BatchKVCache, rows: Sequence[int],
                            classes: Sequence[str]) -> list[dict[str, float]]:
-    """:func:`~unibrain_cli.inference.engine.diagnosis_scores` of every row (cache unchanged)."""
+    """:func:`~unibrain_cli.inference.engine.diagnosis_scores` of every row (the cache gains only the
+    fused view that the question follows, ``model.fused_view``)."""
+    append_fused(engine, cache, rows)
     prompt = [*engine.text_ids(templates.diagnosis_question()), engine.tokenizer.bos_id]
     scores = score_batch(engine, cache, rows, prompt, diagnosis_candidates(engine, classes))
     return [{c: float(v) for c, v in zip(classes, row.tolist(), strict=True)} for row in scores]
@@ -291,6 +303,7 @@ def generate_answers(engine: Engine, cache: BatchKVCache, rows: Sequence[int], q
     the question, the answer after ``[bos] "Impression:"``, and for the rows whose answer names no
     diagnosis the second try from the question with the impression and ``Final Diagnosis:`` forced."""
     rows = [int(r) for r in rows]
+    append_fused(engine, cache, rows)
     append_text(engine, cache, rows, [engine.text_ids(question)] * len(rows))
     before = {r: (cache.lengths[r], cache.next_positions[r]) for r in rows}  # rows only grow: a length is a snapshot
     first = generate_batch(engine, cache, rows, [answer_prompt(engine)] * len(rows), max_tokens)

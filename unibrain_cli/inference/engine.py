@@ -53,9 +53,11 @@ from unibrain_cli.inference.blocks import (
     image_markers,
     latent_tokens_to_images,
     modality_slot,
+    vit_side,
     wrap_text,
 )
 from unibrain_cli.model.bagel import UniBrainModel, sample_token
+from unibrain_cli.model.fused import FUSED_SLOT, needs_fused
 from unibrain_cli.model.kv_cache import KVCache
 from unibrain_cli.model.packing import PackedSequence, SequenceBuilder
 from unibrain_cli.model.vae import AutoEncoder
@@ -214,6 +216,32 @@ class Engine:
     def add_text(self, ctx: Context | None, text: str) -> None:
         """Append a given text segment ``[bos] + text + [eos]``."""
         self.add_ids(ctx, self.text_ids(text))
+
+    def add_fused_view(self, ctx: Context | None) -> None:
+        """``model.fused_view``: append the fused view of the ViT views ``ctx`` holds (model/fused.py),
+        unless it holds none or already ends its images with one. No-op when the model has none."""
+        if ctx is None or self.model.fused_view is None:
+            return
+        if ctx.cache is not None:
+            views = list(ctx.cache.views)
+        else:
+            views = [(s.image.modality, s.image.vit_patches) for s in ctx.segments
+                     if s.image is not None and "vit" in s.views and s.image.modality >= 0]
+        if not needs_fused(views):
+            return
+        self.add_images(ctx, [self.fused_image(views)], ("vit",))
+
+    def fused_image(self, views: Sequence[tuple[int, Tensor]]) -> EncodedImage:
+        """The fused view of slotted ViT views, as an image with only a ViT view (slot ``FUSED_SLOT``)."""
+        n = vit_side(self.image_size, self.cfg.vit.patch_size) // self.cfg.vit.patch_size
+        rows = self.model.fused_rows(views)
+        return EncodedImage(rows.new_zeros(0, self.cfg.latent_patch_size**2 * self.cfg.vae.z_channels),
+                            self.latent_grid, rows, (n, n), FUSED_SLOT)
+
+    def ask(self, ctx: Context | None, question: str) -> None:
+        """Append a question: the fused view first (:meth:`add_fused_view`), then the text."""
+        self.add_fused_view(ctx)
+        self.add_text(ctx, question)
 
     def add_images(self, ctx: Context | None, images: Sequence[EncodedImage], views: Sequence[ImageView] = INPUT_VIEWS) -> None:
         """Append images (each with ``views``, in order) as one block."""
@@ -473,7 +501,7 @@ def generate_answer(engine: Engine, ctx: Context, question: str, max_tokens: int
     does not produce ``Final Diagnosis:`` by itself, the answer is re-run from the question with
     the generated impression and ``"\nFinal Diagnosis:"`` forced, and the diagnosis generated.
     """
-    engine.add_text(ctx, question)
+    engine.ask(ctx, question)
     before = ctx.fork()
     answer, impression = parse_first_answer(engine, engine.generate(ctx, answer_prompt(engine), max_tokens))
     if answer is not None:
@@ -538,7 +566,7 @@ def diagnosis_scores(engine: Engine, ctx: Context, classes: Sequence[str]) -> di
     ``ctx`` is not modified. Returns class -> log-likelihood.
     """
     q = ctx.fork()
-    engine.add_text(q, templates.diagnosis_question())
+    engine.ask(q, templates.diagnosis_question())
     bos = engine.tokenizer.bos_id
     return {c: float(engine.score(q, [bos], ids).sum())
             for c, ids in zip(classes, diagnosis_candidates(engine, classes), strict=True)}

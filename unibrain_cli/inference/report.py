@@ -54,7 +54,7 @@ class Report:
 def generate_findings(engine: Engine, ctx: Context, modality: str, max_tokens: int) -> str:
     """Findings of ``modality`` after ``ctx`` (a fork is used; ``ctx`` is unchanged)."""
     q = ctx.fork()
-    engine.add_text(q, findings_prompt(modality))
+    engine.ask(q, findings_prompt(modality))
     tok = engine.tokenizer
     label = f"{DISPLAY_NAMES[modality]}:"
     new = engine.generate(q, [tok.bos_id, *tok.encode(label)], max_tokens)
@@ -64,7 +64,7 @@ def generate_findings(engine: Engine, ctx: Context, modality: str, max_tokens: i
 def generate_impression(engine: Engine, ctx: Context, max_tokens: int) -> str:
     """The impression after ``ctx`` + the impression question (a fork is used)."""
     q = ctx.fork()
-    engine.add_text(q, templates.impression_question())
+    engine.ask(q, templates.impression_question())
     tok = engine.tokenizer
     new = engine.generate(q, [tok.bos_id, *tok.encode(ANSWER_PREFIX)], max_tokens)
     text = ANSWER_PREFIX + tok.decode([i for i in new if i != tok.eos_id])

@@ -13,7 +13,9 @@ reads). Top-level modules and their BAGEL state-dict names:
   ``latent_pos_embed`` (fixed 2D sin-cos table, non-persistent), ``llm2vae`` (hidden -> velocity,
   zero-initialised);
 - ``aligned_context`` (only with ``model.aligned_context = "on"``, not a BAGEL tensor):
-  :class:`~unibrain_cli.model.aligned.AlignedContext`, zero-initialised.
+  :class:`~unibrain_cli.model.aligned.AlignedContext`, zero-initialised;
+- ``fused_view`` (only with ``model.fused_view = "on"``, not a BAGEL tensor):
+  :class:`~unibrain_cli.model.fused.FusedView`, the patch embedding of fused ViT views.
 
 Embedding of a :class:`~unibrain_cli.model.packing.PackedSequence`:
 text -> ``embed_tokens``; ViT patches -> ViT -> connector + ``vit_pos_embed``; latent tokens ->
@@ -40,6 +42,7 @@ from unibrain_cli.model.attention import MODE_NOISE
 from unibrain_cli.model.batch_cache import BatchKVCache, BatchStep
 from unibrain_cli.model.decoder import MoTLanguageModel, Routing
 from unibrain_cli.model.embeddings import MLPconnector, PositionEmbedding, TimestepEmbedder
+from unibrain_cli.model.fused import FusedView, fuse_patches, fused_spans, vit_views
 from unibrain_cli.model.kv_cache import KVCache, SlotImage
 from unibrain_cli.model.packing import PackedSequence, SequenceBuilder
 from unibrain_cli.model.vit import SiglipVisionModel
@@ -105,6 +108,10 @@ class UniBrainModel(nn.Module):
             self.aligned_context = AlignedContext(len(MODALITIES), latent_dim(cfg), hidden, cfg.aligned_window,
                                                   cfg.aligned_gain, cfg.aligned_draft,
                                                   cfg.aligned_draft_resolution, cfg.latent_patch_size)
+        # initialised from its own fixed-seed generator: the other modules draw what they drew without it
+        self.fused_view: FusedView | None = None
+        if cfg.fused_view == "on":
+            self.fused_view = FusedView(cfg.vit.patch_size, cfg.vit.hidden_size)
         self.language_model.model.activation_checkpointing = cfg.activation_checkpointing
         self.reset_parameters()
 
@@ -136,7 +143,27 @@ class UniBrainModel(nn.Module):
         nn.init.zeros_(self.llm2vae.bias)
         if self.aligned_context is not None:
             self.aligned_context.reset_parameters()
+        if self.fused_view is not None:
+            self.fused_view.reset_parameters()
         self.language_model.init_generation_expert()
+
+    def set_fused_view(self, mode: str) -> None:
+        """Switch ``model.fused_view`` on a built model: ``"on"`` adds a freshly initialised
+        :class:`FusedView` when there is none (e.g. a checkpoint of a stage trained without it),
+        ``"off"`` removes it."""
+        if mode == "on":
+            if self.fused_view is None:
+                p = self.vae2llm.weight
+                module = FusedView(self.config.vit.patch_size, self.config.vit.hidden_size)
+                self.fused_view = module.to(device=p.device, dtype=p.dtype)
+        elif mode == "off":
+            self.fused_view = None
+        else:
+            raise ValueError(f"fused_view must be 'off' or 'on', got {mode!r}")
+
+    def fused_rows(self, views: Sequence[tuple[int, Tensor]]) -> Tensor:
+        """The fused view's ViT inputs [Tv, width] from a context's slotted ViT views (model/fused.py)."""
+        return fuse_patches(views, self.config.vit.num_channels)
 
     def set_aligned_context(self, mode: str, window: int | None = None, gain: float | None = None,
                             draft: int | None = None, draft_resolution: str | None = None) -> None:
@@ -239,8 +266,18 @@ class UniBrainModel(nn.Module):
         if packed.vit_indexes.numel():
             if packed.vit_patches is None:
                 raise ValueError("the pack has ViT tokens but no vit_patches")
+            patches = packed.vit_patches
+            override = None
+            fused = fused_spans(packed) if self.fused_view is not None else []
+            if fused:
+                spans = [s for s in packed.images if s.kind == "vit"]
+                rows = torch.cat([torch.arange(spans[i].token_start, spans[i].token_start + spans[i].num_tokens)
+                                  for i in fused]).to(packed.device)
+                override = (rows, self.fused_view(patches[rows]))
+            cfg_vit = self.config.vit
+            patches = patches[:, : cfg_vit.patch_size**2 * cfg_vit.num_channels]
             feats = self.vit_model.vision_model(
-                packed.vit_patches.to(dtype), packed.vit_position_ids, packed.vit_cu_seqlens
+                patches.to(dtype), packed.vit_position_ids, packed.vit_cu_seqlens, override
             )
             emb = self.connector(feats) + self.vit_pos_embed(packed.vit_position_ids)
             h = h.index_put((packed.vit_indexes,), emb.to(dtype))
@@ -388,7 +425,8 @@ class UniBrainModel(nn.Module):
             noise_rows = mask.q_mode == MODE_NOISE
             keep = None if not bool(noise_rows.any()) else (~noise_rows).nonzero().flatten()
             images = clean_slot_images(block) if self.aligned_context is not None else ()
-            cache.append(present, keep, block.sample_next_positions[0], images)
+            views = vit_views(block) if self.fused_view is not None else ()
+            cache.append(present, keep, block.sample_next_positions[0], images, views)
         return self._heads(block, hidden, logits_at, velocity_at, draft)
 
     def forward_batch(
@@ -430,6 +468,9 @@ class UniBrainModel(nn.Module):
             if self.aligned_context is not None:
                 for i, r in enumerate(rows):
                     cache.images[r] = cache.images[r] + tuple(clean_slot_images(block, i))
+            if self.fused_view is not None:
+                for i, r in enumerate(rows):
+                    cache.views[r] = cache.views[r] + tuple(vit_views(block, i))
         return self._heads(block, hidden, logits_at, velocity_at, draft)
 
     def new_batch_cache(self, batch: int) -> BatchKVCache:

@@ -40,6 +40,7 @@ class BatchKVCache:
         keys, values: per layer [B, capacity, Hkv, D] (allocated at the first block).
         lengths: cached tokens per row; next_positions: RoPE counter per row.
         images: per row, the clean slot images of its context (``model.aligned_context``).
+        views: per row, the slotted ViT views of its context (``model.fused_view``).
     """
 
     def __init__(self, num_layers: int, batch: int) -> None:
@@ -52,6 +53,7 @@ class BatchKVCache:
         self.lengths: list[int] = [0] * batch
         self.next_positions: list[int] = [0] * batch
         self.images: list[tuple[SlotImage, ...]] = [() for _ in range(batch)]
+        self.views: list[tuple[tuple[int, Tensor], ...]] = [() for _ in range(batch)]
 
     def __repr__(self) -> str:
         return f"BatchKVCache(batch={self.batch}, lengths={self.lengths})"
@@ -84,6 +86,7 @@ class BatchKVCache:
         cache.length = n
         cache.next_position = self.next_positions[b]
         cache.images = self.images[b]
+        cache.views = self.views[b]
         return cache
 
     def nbytes(self) -> int:

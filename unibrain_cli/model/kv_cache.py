@@ -37,6 +37,7 @@ class CacheSnapshot:
     length: int
     next_position: int
     images: tuple[SlotImage, ...] = ()
+    views: tuple[tuple[int, Tensor], ...] = ()
 
 
 class KVCache:
@@ -53,6 +54,8 @@ class KVCache:
         next_position: RoPE position the next block starts at.
         images: the clean VAE images of the cached context that carry a modality slot, oldest
             first (``model.aligned_context`` reads them; recorded only when it is on).
+        views: the ViT views of the cached context that carry a slot, (slot, ViT inputs), oldest
+            first (``model.fused_view`` reads them; recorded only when it is on).
     """
 
     def __init__(self, num_layers: int, detach: bool = True) -> None:
@@ -62,6 +65,7 @@ class KVCache:
         self.length = 0
         self.next_position = 0
         self.images: tuple[SlotImage, ...] = ()
+        self.views: tuple[tuple[int, Tensor], ...] = ()
 
     def __repr__(self) -> str:
         return f"KVCache(num_layers={self.num_layers}, length={self.length}, next_position={self.next_position})"
@@ -71,7 +75,7 @@ class KVCache:
         return list(self.layers) if self.length else None
 
     def append(self, present: list[KV], keep: Tensor | None, advance: int,
-               images: Sequence[SlotImage] = ()) -> None:
+               images: Sequence[SlotImage] = (), views: Sequence[tuple[int, Tensor]] = ()) -> None:
         """Store a block's keys/values.
 
         Args:
@@ -79,7 +83,10 @@ class KVCache:
             keep: long [m] rows of the block to store (its non-noise tokens), or None = all.
             advance: how far the block moved the RoPE position counter.
             images: the block's clean slot images (appended to :attr:`images`).
+            views: the block's slotted ViT views (appended to :attr:`views`).
         """
+        if views:
+            self.views = self.views + tuple((slot, p.detach()) for slot, p in views)
         if images:
             self.images = self.images + tuple(
                 (slot, grid, lat.detach() if self.detach else lat) for slot, grid, lat in images)
@@ -102,7 +109,7 @@ class KVCache:
 
     def snapshot(self) -> CacheSnapshot:
         """The current state, O(1): later appends never change it."""
-        return CacheSnapshot(tuple(self.layers), self.length, self.next_position, self.images)
+        return CacheSnapshot(tuple(self.layers), self.length, self.next_position, self.images, self.views)
 
     def restore(self, snap: CacheSnapshot) -> None:
         """Return to a snapshot taken from this cache (or any cache of the same depth)."""
@@ -110,6 +117,7 @@ class KVCache:
         self.length = snap.length
         self.next_position = snap.next_position
         self.images = snap.images
+        self.views = snap.views
 
     def fork(self) -> KVCache:
         """An independent cache starting from this state (shares the tensors, copies nothing)."""

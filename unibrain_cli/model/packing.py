@@ -127,8 +127,9 @@ class PackedSequence:
             the token's image in ``images``.
         ce_indexes: [N_ce] predictor positions carrying NTP loss; ce_labels: [N_ce] next-token ids.
         images: every image, in order.
-        vit_patches: [N_vit, p*p*C] ViT inputs or None; vae_latents: [N_vae, p*p*z] latent
-            tokens or None.
+        vit_patches: [N_vit, p*p*C] ViT inputs or None (wider when the pack holds a fused view,
+            ``model.fused_view``: the other rows are zero-padded and read up to p*p*C);
+            vae_latents: [N_vae, p*p*z] latent tokens or None.
     """
 
     length: int
@@ -445,7 +446,9 @@ class SequenceBuilder:
                 return None
             if any(p is None for p in parts):
                 raise ValueError(f"give {what} for every image or for none")
-            return torch.cat([p for p in parts if p is not None], dim=0)
+            given = [p for p in parts if p is not None]
+            width = max(p.shape[-1] for p in given)  # fused ViT views are wider: pad the others with zeros
+            return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in given], dim=0)
 
         packed = PackedSequence(
             length=self.num_tokens,

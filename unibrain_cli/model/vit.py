@@ -106,11 +106,17 @@ class SiglipVisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_patches_per_side**2, cfg.hidden_size)
         self.stem = PatchStem(cfg.patch_size, cfg.num_channels, cfg.stem_widths) if cfg.stem_widths else None
 
-    def forward(self, packed_pixel_values: Tensor, packed_position_ids: Tensor) -> Tensor:
+    def forward(self, packed_pixel_values: Tensor, packed_position_ids: Tensor,
+                override: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``override`` (rows, [n, hidden]): patch embeddings that replace the projection of those rows
+        (``model.fused_view``); the position embedding is added to them alike."""
         x = packed_pixel_values.to(self.patch_embedding.weight.dtype)
         if self.stem is not None:
             x = self.stem(x)
-        return self.patch_embedding(x) + self.position_embedding(packed_position_ids)
+        x = self.patch_embedding(x)
+        if override is not None:
+            x = x.index_put((override[0],), override[1].to(x.dtype))
+        return x + self.position_embedding(packed_position_ids)
 
 
 class SiglipAttention(nn.Module):
@@ -193,18 +199,21 @@ class SiglipVisionModel(nn.Module):
         self.encoder = SiglipEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, packed_pixel_values: Tensor, packed_position_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
+    def forward(self, packed_pixel_values: Tensor, packed_position_ids: Tensor, cu_seqlens: Tensor,
+                override: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Encode packed images.
 
         Args:
             packed_pixel_values: [N, p*p*C] patches of all images, concatenated (see :func:`patchify`).
             packed_position_ids: long [N], ``row * max_patches_per_side + col`` per patch.
             cu_seqlens: int32 [B+1], cumulative patch counts (0, n_1, n_1+n_2, ..., N).
+            override: (rows, [n, hidden]) patch embeddings given for those rows instead of the
+                projection of their pixels (:class:`SiglipVisionEmbeddings`).
 
         Returns:
             [N, hidden] after ``post_layernorm``; token i only attended to its own image.
         """
         seg = segment_ids(cu_seqlens, packed_pixel_values.shape[0])
         mask = seg[:, None] == seg[None, :]
-        x = self.embeddings(packed_pixel_values, packed_position_ids)
+        x = self.embeddings(packed_pixel_values, packed_position_ids, override)
         return self.post_layernorm(self.encoder(x, mask))

@@ -50,6 +50,7 @@ from unibrain_cli.data.dataflow import ImageSegment, SamplePlan, TextSegment
 from unibrain_cli.flow.objective import flow_loss, interpolate, velocity_target
 from unibrain_cli.inference.blocks import images_to_vae_tokens, latent_tokens_to_images, vit_side, wrap_text
 from unibrain_cli.modalities import MODALITIES
+from unibrain_cli.model.fused import FUSED_SLOT, fuse_patches
 from unibrain_cli.model.packing import PackedSequence, SequenceBuilder
 from unibrain_cli.model.vae import AutoEncoder
 
@@ -199,7 +200,10 @@ class ImageItem:
             for a clean view of a generated target, the slot that generated it; else -1.
         sa: the noisy image belongs to a self-alignment sample.
         modality: index of the image's modality in ``MODALITIES`` (the slot of
-            ``model.aligned_context``), -1 when unknown.
+            ``model.aligned_context``), -1 when unknown; ``FUSED_SLOT`` for a fused view.
+        parts: of a fused view (``model.fused_view``), per shown modality ``(slot, image, gen)``:
+            its modality slot, its pixels and the generation slot whose output it shows (-1: the
+            ground truth); ``image`` is then the first part's pixels. Empty for other images.
     """
 
     kind: Literal["vit", "vae"]
@@ -208,9 +212,22 @@ class ImageItem:
     slot: int = -1
     sa: bool = False
     modality: int = -1
+    parts: tuple[tuple[int, int, int], ...] = ()
 
 
 Item = TextItem | ImageItem
+
+
+def gets_fused_view(plan: SamplePlan) -> bool:
+    """With ``model.fused_view = "on"``, whether the plan's sequence gets a fused view: it asks a
+    question after at least one ViT view (the fused view goes right before the first question)."""
+    seen = False
+    for seg in plan.segments:
+        if isinstance(seg, ImageSegment) and seg.view == "vit":
+            seen = True
+        elif isinstance(seg, TextSegment) and seg.role == "question":
+            return seen
+    return False
 
 
 def plan_items(
@@ -218,6 +235,7 @@ def plan_items(
     pixel_index: Callable[[str], int],
     text_ids: Callable[[str], tuple[int, ...]],
     first_slot: int,
+    fused: bool = False,
 ) -> tuple[list[Item], int]:
     """Materialise one plan into items.
 
@@ -226,16 +244,24 @@ def plan_items(
         pixel_index: modality -> index of that image of the sample in the micro-batch pixel list.
         text_ids: text -> wrapped ids (:class:`TextIds`).
         first_slot: slot number of the plan's first noisy image.
+        fused: ``model.fused_view = "on"``: a fused view of the ViT views so far goes right before
+            the first question (:func:`gets_fused_view`; ``model/fused.py``).
 
     Returns:
         (items, next free slot).
     """
     items: list[Item] = []
     generated: dict[str, int] = {}
+    views: dict[int, tuple[int, int]] = {}  # modality slot -> (pixels, generation slot) of its latest ViT view
+    asked = False
     slot = first_slot
     sa = plan.kind == "self_alignment"
     for seg in plan.segments:
         if isinstance(seg, TextSegment):
+            if fused and seg.role == "question" and not asked and views:
+                parts = tuple((m, pix, gen) for m, (pix, gen) in views.items())
+                items.append(ImageItem("vit", False, parts[0][1], modality=FUSED_SLOT, parts=parts))
+            asked = asked or seg.role == "question"
             items.append(TextItem(text_ids(seg.text), seg.loss, seg.role))
             continue
         assert isinstance(seg, ImageSegment)
@@ -249,6 +275,9 @@ def plan_items(
             kind: Literal["vit", "vae"] = "vit" if seg.view == "vit" else "vae"
             gen = -1 if sa else generated.get(seg.modality, -1)
             items.append(ImageItem(kind, False, pix, gen, modality=mod))
+            if kind == "vit":
+                views.pop(mod, None)
+                views[mod] = (pix, gen)
     return items, slot
 
 
@@ -299,6 +328,9 @@ class TrainBatch:
         samples: per sample its items (for KV-cache rollouts).
         descriptions: per sample a one-line plan description (logs/tests).
         markers: the (start, end) image marker ids the pack was built with.
+        fused: per fused view (``model.fused_view``) its index among the pack's ViT spans and its
+            :attr:`ImageItem.parts`.
+        vit_channels: channels of the ViT inputs (the fused view reads the first).
     """
 
     packed: PackedSequence
@@ -314,6 +346,8 @@ class TrainBatch:
     samples: list[list[Item]] = field(default_factory=list)
     descriptions: list[str] = field(default_factory=list)
     markers: tuple[int, int] | None = None
+    fused: list[tuple[int, tuple[tuple[int, int, int], ...]]] = field(default_factory=list)
+    vit_channels: int = 3
 
     @property
     def num_slots(self) -> int:
@@ -372,6 +406,7 @@ def build_batch(
     vit_gen: list[int] = []
     vae_gen: list[int] = []
     slot_sa: list[bool] = []
+    fused: list[tuple[int, tuple[tuple[int, int, int], ...]]] = []
     ts = timesteps.tolist()
     for items in samples:
         add_items(b, items, geom, ts)
@@ -379,6 +414,8 @@ def build_batch(
             if not isinstance(it, ImageItem):
                 continue
             if it.kind == "vit":
+                if it.parts:
+                    fused.append((len(vit_src), it.parts))
                 vit_src.append(it.image)
                 vit_gen.append(it.slot)
             else:
@@ -403,6 +440,7 @@ def build_batch(
         slot_sa=torch.tensor(slot_sa, dtype=torch.bool),
         exit_steps=exit_steps.long() if exit_steps is not None else torch.full((n_slots,), -1, dtype=torch.long),
         samples=[list(s) for s in samples], descriptions=list(descriptions), markers=markers,
+        fused=fused, vit_channels=geom.vit_channels,
     )
 
 
@@ -463,6 +501,13 @@ def decode_pixels(vae: AutoEncoder, tokens: Tensor, geom: ImageGeometry, cfg: Mo
 # ---------------------------------------------------------------------------------------------
 
 
+def fused_item_rows(parts: Sequence[tuple[int, int, int]], vit: Tensor, gen_vit: Tensor | None, channels: int) -> Tensor:
+    """A fused view's ViT inputs [Tv, width] from its :attr:`ImageItem.parts`: each modality's ViT
+    inputs from ``vit`` [n_img, Tv, P] (ground truth) or ``gen_vit`` [n_slots, Tv, P] (generated)."""
+    return fuse_patches([(m, gen_vit[gen] if gen >= 0 and gen_vit is not None else vit[pix])
+                         for m, pix, gen in parts], channels)
+
+
 @dataclass
 class FilledPack:
     """A pack ready for the model plus its flow targets.
@@ -509,6 +554,10 @@ def fill_pack(batch: TrainBatch, lat: Tensor, vit: Tensor, gen_lat: Tensor | Non
         if bool(use.any()):
             vit_rows = vit_rows.clone()
             vit_rows[use] = gen_vit[batch.vit_gen[use]].to(vit_rows.dtype)
+    if batch.fused:
+        rows = torch.stack([fused_item_rows(parts, vit, gen_vit, batch.vit_channels) for _, parts in batch.fused])
+        vit_rows = F.pad(vit_rows, (0, rows.shape[-1] - vit_rows.shape[-1]))
+        vit_rows[torch.tensor([i for i, _ in batch.fused], device=vit_rows.device)] = rows.to(vit_rows.dtype)
     noisy_spans = [i for i, img in enumerate(s for s in batch.packed.images if s.kind == "vae") if img.noisy]
     x0 = vae_rows[noisy_spans] if noisy_spans else vae_rows[:0]  # [n_slots, T, D]
     eps, t = batch.noise.to(x0.dtype), batch.timesteps.to(x0.dtype)

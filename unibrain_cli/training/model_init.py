@@ -137,7 +137,7 @@ def _vae_arch_mismatch(a: VAEConfig, b: VAEConfig) -> list[str]:
 def adopt_config(model: UniBrainModel, cfg: ModelConfig) -> UniBrainModel:
     """Give a loaded model the run's config (same layout; runtime fields and vae factors from ``cfg``;
     ``aligned_context = "on"`` adds the zero-initialised aligned path to a model without it, e.g. a
-    BAGEL-7B-MoT folder)."""
+    BAGEL-7B-MoT folder; ``fused_view = "on"`` adds a fresh fused-view embedding likewise)."""
     try:
         model.set_aligned_context(cfg.aligned_context, cfg.aligned_window, cfg.aligned_gain, cfg.aligned_draft,
                                   cfg.aligned_draft_resolution)
@@ -145,6 +145,7 @@ def adopt_config(model: UniBrainModel, cfg: ModelConfig) -> UniBrainModel:
         raise UserError(f"{exc}: use the checkpoint's model.aligned_window / aligned_gain / aligned_draft / "
                         "aligned_draft_resolution, "
                         "or start from an earlier stage") from exc
+    model.set_fused_view(cfg.fused_view)
     model.config = cfg
     model.language_model.model.activation_checkpointing = cfg.activation_checkpointing
     return model

@@ -76,6 +76,7 @@ from unibrain_cli.training.materialize import (
     add_items,
     build_batch,
     decode_pixels,
+    fused_item_rows,
 )
 from unibrain_cli.training.model_init import ModelBundle
 from unibrain_cli.training.stages.sa import draw_sa_plan
@@ -153,7 +154,8 @@ class DHSTrainModule(UnifiedTrainModule):
                        gen_vit: Tensor) -> PackedSequence:
         b = self.model.builder(batch.markers)
         add_items(b, items, self.geom, [], with_loss=False,
-                  vit_data=lambda it: gen_vit[it.slot] if it.slot >= 0 else vit[it.image],
+                  vit_data=lambda it: fused_item_rows(it.parts, vit, gen_vit, batch.vit_channels) if it.parts
+                  else gen_vit[it.slot] if it.slot >= 0 else vit[it.image],
                   vae_data=lambda it: gen_lat[it.slot] if it.slot >= 0 else lat[it.image])
         return b.build(lat.device)
 

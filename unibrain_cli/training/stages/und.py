@@ -66,7 +66,7 @@ from unibrain_cli.data.dataflow import (
 from unibrain_cli.training.stages.unified import ModelStage
 
 #: Top-level modules of the unified model the ``und`` stage trains besides the decoder's
-#: understanding expert.
+#: understanding expert (and ``fused_view`` when the model has one).
 UND_MODULES: tuple[str, ...] = ("vit_model", "connector")
 
 
@@ -115,4 +115,5 @@ class UndStage(ModelStage):
 
     def trainable_modules(self, model: nn.Module) -> Sequence[str]:
         inner = model.get_submodule("model")
-        return (*understanding_expert_modules(inner, "model."), *(f"model.{n}" for n in UND_MODULES))
+        fused = ("model.fused_view",) if getattr(inner, "fused_view", None) is not None else ()
+        return (*understanding_expert_modules(inner, "model."), *(f"model.{n}" for n in UND_MODULES), *fused)

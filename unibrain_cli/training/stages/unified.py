@@ -76,6 +76,7 @@ from unibrain_cli.training.materialize import (
     TrainBatch,
     build_batch,
     fill_pack,
+    gets_fused_view,
     latent_tokens,
     pack_losses,
     plan_items,
@@ -294,7 +295,12 @@ class ModelStage(StageTask):
 
     def token_count(self, plan: SamplePlan) -> int:
         g = self.geometry()
-        return plan_token_count(plan, self.text_ids().length, g.vit_block_tokens, g.vae_block_tokens)
+        n = plan_token_count(plan, self.text_ids().length, g.vit_block_tokens, g.vae_block_tokens)
+        return n + g.vit_block_tokens if self.fused() and gets_fused_view(plan) else n
+
+    def fused(self) -> bool:
+        """``model.fused_view = "on"``: questions get a fused view before them (materialize.plan_items)."""
+        return self.ctx.recipe.model.fused_view == "on"
 
     def plan_config(self) -> DataConfig:
         """The data-flow settings plans are drawn with (the recipe's ``data``)."""
@@ -337,7 +343,7 @@ class ModelStage(StageTask):
                     pixels.append(arrays[MODALITIES.index(m)])
                 return local[m]
 
-            items, slot = plan_items(plan, pixel_index, self.text_ids(), slot)
+            items, slot = plan_items(plan, pixel_index, self.text_ids(), slot, self.fused())
             samples.append(items)
         s = self.ctx.recipe.data.image_size
         stack = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros((0, s, s))
