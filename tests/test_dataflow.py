@@ -319,6 +319,17 @@ def test_understanding_plan_shape():
         assert pl.kind == "understanding" and pl.understanding_only and pl.task != "generation"
 
 
+def test_understanding_all_prob_shows_every_present_modality():
+    plans = [understanding_plan(BRATS, np.random.default_rng(i), DataConfig(), 1.0) for i in range(40)]
+    assert all(sorted(p.start_modalities) == sorted(record_modalities(BRATS)) for p in plans)
+    assert len({p.start_modalities for p in plans}) > 1  # still in random order
+    # 0 draws nothing more: the plans of the default call
+    assert [understanding_plan(BRATS, np.random.default_rng(i), DataConfig(), 0.0) for i in range(40)] == \
+        [understanding_plan(BRATS, np.random.default_rng(i), DataConfig()) for i in range(40)]
+    some = [understanding_plan(BRATS, np.random.default_rng(i), DataConfig()) for i in range(40)]
+    assert any(len(p.start_modalities) < len(record_modalities(BRATS)) for p in some)
+
+
 def test_mirror_text_swaps_laterality_and_keeps_case():
     assert mirror_text("Left frontal lobe mass; the right parietal lobe and LEFT side. Bright, leftover.") == \
         "Right frontal lobe mass; the left parietal lobe and RIGHT side. Bright, leftover."

@@ -59,6 +59,9 @@ class DataConfig:
     # it, and "left" / "right" swapped in its text: :func:`unibrain_cli.data.dataflow.mirror_plan`);
     # 0 = no mirroring, no extra random draw
     understanding_flip_prob: float = 0.0
+    # `und` stage: probability that an understanding sample shows every present modality (in random
+    # order) instead of a random-size subset; 0 = always a subset, no extra random draw
+    understanding_all_prob: float = 0.0
     # `und` stage: a random similarity transform of every understanding sample (all its images alike,
     # bilinear, zero outside the slice): rotation uniform in +-understanding_rotate_deg degrees, shift
     # uniform in +-understanding_shift_px pixels per axis, scale exp(uniform +-log(1 + understanding_scale)).

@@ -247,7 +247,7 @@ def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> None:
         raise RecipeError(f"'data.flow_draws' must be at least 1, got {recipe.data.flow_draws}", source)
     if recipe.data.draft_pairs < 0:
         raise RecipeError(f"'data.draft_pairs' must be >= 0, got {recipe.data.draft_pairs}", source)
-    for name in ("draft_flip_prob", "understanding_flip_prob", "canonical_order_prob"):
+    for name in ("draft_flip_prob", "understanding_flip_prob", "understanding_all_prob", "canonical_order_prob"):
         value = getattr(recipe.data, name)
         if not 0.0 <= value <= 1.0:
             raise RecipeError(f"'data.{name}' must be a probability in [0, 1], got {value}", source)

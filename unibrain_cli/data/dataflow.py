@@ -415,9 +415,12 @@ def _modality_order(present: Sequence[str], rng: np.random.Generator, cfg: DataC
     return order
 
 
-def understanding_plan(record: Mapping[str, Any], rng: np.random.Generator, cfg: DataConfig) -> SamplePlan:
+def understanding_plan(record: Mapping[str, Any], rng: np.random.Generator, cfg: DataConfig,
+                       all_prob: float = 0.0) -> SamplePlan:
     """Understanding-only plan: a random non-empty subset of the present modalities, in random
     order, as ViT images (visual dropout per image, at least one kept), then question + answer.
+    With ``all_prob`` > 0 (one more draw) the subset is every present modality with that
+    probability (the ``und`` stage's ``data.understanding_all_prob``).
 
     The task is drawn among impression/diagnosis/both with the config probabilities
     renormalised. Raises :class:`UserError` when the record has neither impression nor diseases.
@@ -435,6 +438,8 @@ def understanding_plan(record: Mapping[str, Any], rng: np.random.Generator, cfg:
     n = len(present)
     order = [present[i] for i in rng.permutation(n)]
     shown = order[: int(rng.integers(1, n + 1))]
+    if all_prob > 0 and rng.random() < all_prob:
+        shown = order
     kept, dropped, rescued = _visual_dropout(rng, shown, ("vit",), cfg.visual_dropout)
 
     segments: list[Segment] = [ImageSegment(m, "vit", loss=False) for m, _ in kept]

@@ -102,7 +102,7 @@ class UndStage(ModelStage):
         _, records = self.dataset()
         i = int(rng.integers(len(records)))
         cfg = self.plan_config()
-        plan = understanding_plan(records[i], rng, cfg)
+        plan = understanding_plan(records[i], rng, cfg, cfg.understanding_all_prob)
         if cfg.understanding_flip_prob > 0 and rng.random() < cfg.understanding_flip_prob:
             plan = mirror_plan(plan)
         if cfg.understanding_rotate_deg or cfg.understanding_shift_px or cfg.understanding_scale:
