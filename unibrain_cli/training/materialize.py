@@ -276,7 +276,6 @@ def plan_items(
             gen = -1 if sa else generated.get(seg.modality, -1)
             items.append(ImageItem(kind, False, pix, gen, modality=mod))
             if kind == "vit":
-                views.pop(mod, None)
                 views[mod] = (pix, gen)
     return items, slot
 
