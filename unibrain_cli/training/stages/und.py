@@ -44,9 +44,9 @@ true (no laterality flips, sizes within the zoom) and move the lesions the answe
 With ``data.understanding_all_prob`` > 0 that share of the samples shows every modality its slice
 has instead of a random-size subset (:func:`dataflow.understanding_plan`), so a fused view
 (``model.fused_view``) before the question is full more often. ``small`` uses 0.25 (twenty-sixth
-session, two seeds, README: complete-data closed-set Top-1 on the demo's slices 78.0 -> 84.0 and
-80.0 -> 82.0 %, T1-only 67.5 -> 67.5 and 60.0 -> 65.0 %); 0.5 gained as much on complete data but
-lost T1-only answers on one seed.
+session, seeds 0 / 1 / 2, README: complete-data closed-set Top-1 on the demo's slices 78.0 -> 84.0,
+80.0 -> 82.0, 70.0 -> 76.0 %, T1-only 67.5 -> 67.5, 60.0 -> 65.0, 55.0 -> 60.0 %); 0.5 gained as
+much on complete data but lost T1-only answers on one seed.
 
 After ``unified``, not before ``sa``: 150 understanding-only steps placed first were lost in the
 400 unified steps after them (fifteenth session, README).
